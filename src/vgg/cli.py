@@ -1,0 +1,191 @@
+"""The ``vgg`` command line: each subcommand maps onto one API call; errors are one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own usage errors: one line, exit 2, like ours
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
+    parser.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, help=help)
+
+
+def _add_summary(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("summary", help="print a model's layers, output shapes and parameter counts")
+    p.add_argument("--arch", default="vgg16", help="family member (vgg11 ... vgg19_bn); default vgg16")
+    p.add_argument("--classes", type=int, default=1000, help="number of output classes; default 1000")
+    p.add_argument("--image-size", type=int, default=224, help="input side in pixels; default 224")
+    p.set_defaults(run=_summary)
+
+
+def _summary(args: argparse.Namespace) -> int:
+    from .models import check_arch
+    from .report import format_summary
+
+    print(format_summary(check_arch(args.arch), args.classes, args.image_size), end="")
+    return 0
+
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("train", help="train a model on a class-per-folder image dataset")
+    p.add_argument("data", help="dataset folder: DATA/<class>/<image>")
+    p.add_argument("--val", help="validation folder with the same classes (default: a stratified 80/20 split)")
+    p.add_argument("--out", help="run folder for models, history, curves and config (default runs/train)")
+    p.add_argument("--config", help="a .toml or .json file of settings; flags override it")
+    p.add_argument("--recipe", default="default", help="default (learns) or tutorial (Adam 1e-3, no augmentation)")
+    p.add_argument("--arch", help="vgg11, vgg13, vgg16, vgg19 or their _bn variants; default vgg16")
+    p.add_argument("--image-size", type=int, help="images are resized to this square side; default 224")
+    p.add_argument("--epochs", type=int, help="maximum number of epochs; default 30")
+    p.add_argument("--batch-size", type=int, help="default 64")
+    p.add_argument("--optimizer", help="sgd (default), adam or adamw")
+    p.add_argument("--lr", type=float, help="peak learning rate; default 0.02 (sgd)")
+    p.add_argument("--momentum", type=float, help="SGD momentum (Nesterov); default 0.9")
+    p.add_argument("--weight-decay", type=float, help="default 5e-4")
+    p.add_argument("--schedule", help="cosine (default, after warm-up) or constant")
+    p.add_argument("--warmup-epochs", type=float, help="linear warm-up length; default 1")
+    p.add_argument("--label-smoothing", type=float, help="default 0.1")
+    p.add_argument("--dropout", type=float, help="dropout in the classifier; default 0.5")
+    p.add_argument("--patience", type=int, help="stop after this many epochs without improvement; default 20")
+    p.add_argument("--monitor", help="val_accuracy (default), val_loss, accuracy or loss")
+    p.add_argument("--val-fraction", type=float, help="validation share when --val is not given; default 0.2")
+    p.add_argument("--max-per-class", type=int, help="use at most this many training images per class")
+    p.add_argument("--seed", type=int, help="seed for the split, initialisation and shuffling; default 0")
+    p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--precision", help="auto (default: bf16 where native), fp32, bf16, fp16 (CUDA)")
+    p.add_argument("--workers", type=int, help="image decoding processes; default: one per core, up to 8")
+    p.add_argument("--cache", help="auto (default: decoded images kept in memory when they fit), ram, none")
+    g = p.add_argument_group("augmentation (training images only)")
+    g.add_argument("--rotation", type=float, help="max rotation in degrees; default 0")
+    g.add_argument("--shift", type=float, help="max shift as a fraction of the side; default 0.125")
+    g.add_argument("--zoom", type=float, help="zoom range: scale in [1-zoom, 1+zoom]; default 0")
+    g.add_argument("--shear", type=float, help="max shear in degrees; default 0")
+    g.add_argument("--brightness", type=float, help="brightness factor range [1-b, 1+b]; default 0")
+    _bool_flag(g, "hflip", "random left-right flips (default on)")
+    _bool_flag(g, "vflip", "random upside-down flips (default off)")
+    p.set_defaults(run=_train)
+
+
+AUGMENT_FLAGS = ("rotation", "shift", "zoom", "shear", "brightness", "hflip", "vflip")
+TRAIN_FLAGS = (
+    "data", "val", "out", "arch", "image_size", "epochs", "batch_size", "optimizer", "lr", "momentum",
+    "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "dropout", "patience", "monitor",
+    "val_fraction", "max_per_class", "seed", "device", "precision", "workers", "cache",
+)  # fmt: skip
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import resolve
+    from .trainer import train
+
+    config = resolve(
+        args.recipe,
+        args.config,
+        augment={name: getattr(args, name) for name in AUGMENT_FLAGS},
+        **{name: getattr(args, name) for name in TRAIN_FLAGS},
+    )
+    result = train(config, log=print, progress=sys.stderr.isatty())
+    print(f"run folder: {result.run_dir} (best.safetensors, last.safetensors, history.csv, curves.png, config.json)")
+    return 0
+
+
+def _add_predict(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("predict", help="predict the class of images with a trained model")
+    p.add_argument("model", help="a .safetensors model file written by `vgg train`")
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("--top-k", type=int, default=1, help="show the k most likely classes; default 1")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=_predict)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predict import expand_images, load
+
+    paths = expand_images(args.images)
+    classifier = load(args.model, device=args.device)
+    predictions = classifier.predict(paths, top_k=args.top_k)
+    if args.json:
+        print(json.dumps([p.as_dict() for p in predictions], indent=2))
+        return 0
+    for p in predictions:
+        ranked = "  ".join(f"{label} {prob:.3f}" for label, prob in p.top_k)
+        print(f"{p.source}: {ranked}")
+    return 0
+
+
+def _add_evaluate(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("evaluate", help="loss, accuracy and per-class accuracy on a labelled folder")
+    p.add_argument("model", help="a .safetensors model file written by `vgg train`")
+    p.add_argument("data", help="labelled folder DATA/<class>/<image> with the model's classes")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .predict import load
+    from .report import format_evaluation
+
+    classifier = load(args.model, device=args.device)
+    result = classifier.evaluate(args.data, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_evaluation(result, classifier.class_names))
+    return 0
+
+
+def _add_datasets(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("datasets", help="write a real dataset as class folders")
+    p.add_argument("name", choices=["fashion-mnist"], help="dataset to write")
+    p.add_argument("dest", help="output folder: DEST/train/<class>/*.png and DEST/test/<class>/*.png")
+    p.add_argument("--source", help="folder holding the IDX files (default: Debian's package, then download)")
+    p.add_argument("--limit-per-class", type=int, help="write at most this many images per class and split")
+    p.set_defaults(run=_datasets)
+
+
+def _datasets(args: argparse.Namespace) -> int:
+    from .datasets import fashion_mnist
+
+    dest = fashion_mnist(args.dest, args.source, args.limit_per_class)
+    print(f"wrote Fashion-MNIST to {dest}/train and {dest}/test")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vgg", description="Train, evaluate and use VGG image classifiers on folders of images.")
+    parser.add_argument("--version", action="version", version=f"vgg {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_summary, _add_train, _add_predict, _add_evaluate, _add_datasets):
+        add(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 2 usage or input error)."""
+    args = None
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
+        return args.run(args)
+    except UsageError as error:
+        if args is not None and args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,141 @@
+"""Using a trained model: ``vgg.load(path).predict(images)`` and whole-folder evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from .checkpoint import ModelInfo, load_model
+from .data import Batches, _image_files, decode, scan_folder
+from .engine import Step, evaluate
+from .errors import UsageError
+from .runtime import autocast, pick_device, pick_precision
+
+
+@dataclass
+class Prediction:
+    label: str
+    probability: float
+    top_k: list[tuple[str, float]]
+    source: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "image": self.source,
+            "label": self.label,
+            "probability": self.probability,
+            "top_k": [{"label": label, "probability": p} for label, p in self.top_k],
+        }
+
+
+ImageInput = str | Path | Image.Image | torch.Tensor
+
+
+class Classifier:
+    """A trained model with the exact preprocessing it was trained with (read from its file).
+
+    Args:
+        model: the network.
+        info: the model file's metadata.
+        device: where to run; ``auto`` picks CUDA when present.
+        precision: ``auto`` uses bf16 where the hardware runs it natively.
+    """
+
+    def __init__(self, model: torch.nn.Module, info: ModelInfo, device: str = "auto", precision: str = "auto"):
+        self.device = pick_device(device)
+        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
+        self.info = info
+        self.step = Step(self.device, pick_precision(precision, self.device), tuple(info.mean), tuple(info.std))
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.info.class_names
+
+    def _to_tensor(self, item: ImageInput) -> torch.Tensor:
+        size = self.info.image_size
+        if isinstance(item, str | Path):
+            try:
+                return decode(item, size)
+            except ValueError as error:
+                raise UsageError(f"Cannot read image {item}: {error}. Expected a jpg, png, ... image file.") from error
+            except FileNotFoundError as error:
+                raise UsageError(str(error)) from error
+        if isinstance(item, Image.Image):
+            return TF.resize(TF.pil_to_tensor(item.convert("RGB")), [size, size], antialias=True)
+        if isinstance(item, torch.Tensor):
+            if item.ndim != 3 or item.shape[0] not in (1, 3):
+                raise UsageError(f"Image tensors must be C x H x W with 1 or 3 channels. Received: {tuple(item.shape)}.")
+            if item.dtype != torch.uint8:
+                item = (item.float().clamp(0, 1) * 255).round().to(torch.uint8)
+            item = item.expand(3, -1, -1)
+            return TF.resize(item, [size, size], antialias=True)
+        raise UsageError(f"Cannot predict on {type(item).__name__}: expected a path, a PIL image or a tensor.")
+
+    def probabilities(self, images: Sequence[ImageInput] | torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Class probabilities, one row per image (N x num_classes)."""
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            images = list(images)
+        tensors = [self._to_tensor(item) for item in images]
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(tensors), batch_size):
+                batch = torch.stack(tensors[start : start + batch_size])
+                with autocast(self.device, self.step.precision):
+                    logits = self.model(self.step.inputs(batch))
+                out.append(logits.float().softmax(1).cpu())
+        return torch.cat(out) if out else torch.empty(0, len(self.class_names))
+
+    def predict(
+        self, images: ImageInput | Sequence[ImageInput], top_k: int = 1, batch_size: int = 64
+    ) -> Prediction | list[Prediction]:
+        """Predict the class of one image (returns one ``Prediction``) or of several (returns a list)."""
+        single = isinstance(images, str | Path | Image.Image) or (isinstance(images, torch.Tensor) and images.ndim == 3)
+        items = [images] if single else list(images)
+        if top_k < 1:
+            raise UsageError(f"top_k must be at least 1. Received: {top_k}.")
+        k = min(top_k, len(self.class_names))
+        probs = self.probabilities(items, batch_size)
+        values, indices = probs.topk(k, dim=1)
+        predictions = []
+        for item, vals, idxs in zip(items, values.tolist(), indices.tolist(), strict=True):
+            top = [(self.class_names[i], v) for i, v in zip(idxs, vals, strict=True)]
+            source = str(item) if isinstance(item, str | Path) else ""
+            predictions.append(Prediction(top[0][0], top[0][1], top, source))
+        return predictions[0] if single else predictions
+
+    def evaluate(self, folder: str | Path, batch_size: int = 64) -> dict:
+        """Loss, accuracy, per-class accuracy and confusion matrix on a labelled class-per-folder dataset."""
+        scanned = scan_folder(folder, classes=self.class_names)
+        batches = Batches(scanned.samples, self.info.image_size, batch_size, shuffle=False, cache="none")
+        result = evaluate(self.model, batches, self.step, len(self.class_names))
+        result["class_names"] = self.class_names
+        result["skipped"] = [{"path": p, "reason": r} for p, r in batches.skipped]
+        return result
+
+
+def load(path: str | Path, device: str = "auto", precision: str = "auto") -> Classifier:
+    """Load a model file written by ``vgg train``; no code from the file is executed."""
+    model, info = load_model(path)
+    return Classifier(model, info, device, precision)
+
+
+def expand_images(paths: Sequence[str | Path]) -> list[Path]:
+    """Files stay as given; folders are replaced by the images inside them (recursively, sorted)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = list(_image_files(p))
+            if not found:
+                raise UsageError(f"No images in folder {p}/: expected image files (jpg, png, ...).")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise UsageError(f"Image not found: {p}. Expected an image file or a folder of images.")
+    return out

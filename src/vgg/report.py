@@ -1,0 +1,127 @@
+"""What a person reads: the model summary, the training history and its curves, evaluation tables."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import atomic_write
+from .models import build
+
+
+@dataclass
+class LayerRow:
+    name: str
+    kind: str
+    output_shape: tuple[int, ...]
+    params: int
+
+
+def layer_table(arch: str, num_classes: int, image_size: int) -> tuple[list[LayerRow], int, int]:
+    """Each leaf layer's output shape and parameter count, plus total and trainable parameter counts.
+
+    The model is built on the meta device: shapes and counts without allocating or initialising 138M weights.
+    """
+    with torch.device("meta"):
+        model = build(arch, num_classes=num_classes, image_size=image_size, init_weights=False)
+    rows: list[LayerRow] = []
+
+    def record(name: str):
+        def hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            params = sum(p.numel() for p in module.parameters(recurse=False))
+            rows.append(LayerRow(name, type(module).__name__, tuple(output.shape[1:]), params))
+
+        return hook
+
+    handles = [
+        module.register_forward_hook(record(name))
+        for name, module in model.named_modules()
+        if name and not list(module.children())
+    ]
+    with torch.no_grad():
+        model.forward_features(torch.empty(1, 3, image_size, image_size, device="meta"))
+        # The flatten between pooling and classifier is a function call, not a module: show it as Keras does.
+        side = model.avgpool.output_size[0]
+        rows.append(LayerRow("flatten", "Flatten", (512 * side * side,), 0))
+        model.forward_head(torch.empty(1, 512 * side * side, device="meta"))
+    for handle in handles:
+        handle.remove()
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return rows, total, trainable
+
+
+def format_summary(arch: str, num_classes: int, image_size: int) -> str:
+    """A table like Keras's ``model.summary()``: layer, output shape, parameters, then the totals."""
+    rows, total, trainable = layer_table(arch, num_classes, image_size)
+    header = ("Layer (type)", "Output Shape", "Param #")
+    cells = [(f"{r.name} ({r.kind})", "(N, " + ", ".join(map(str, r.output_shape)) + ")", f"{r.params:,}") for r in rows]
+    widths = [max(len(header[i]), *(len(c[i]) for c in cells)) for i in range(3)]
+    rule = "-" * (sum(widths) + 6)
+    out = io.StringIO()
+    out.write(f'Model: "{arch}" ({num_classes} classes, {image_size}x{image_size} RGB input)\n')
+    out.write(rule.replace("-", "=") + "\n")
+    out.write(f"{header[0]:<{widths[0]}}   {header[1]:<{widths[1]}}   {header[2]:>{widths[2]}}\n")
+    out.write(rule.replace("-", "=") + "\n")
+    for name, shape, params in cells:
+        out.write(f"{name:<{widths[0]}}   {shape:<{widths[1]}}   {params:>{widths[2]}}\n")
+    out.write(rule.replace("-", "=") + "\n")
+    out.write(f"Total params: {total:,}\nTrainable params: {trainable:,}\nNon-trainable params: {total - trainable:,}\n")
+    return out.getvalue()
+
+
+HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "images_per_s", "seconds")
+
+
+def write_history(path: str | Path, history: Sequence[dict[str, float]]) -> None:
+    def write(temp: str) -> None:
+        with open(temp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(history)
+
+    atomic_write(path, write)
+
+
+def read_history(path: str | Path) -> list[dict[str, float]]:
+    with open(path, newline="") as handle:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def plot_curves(path: str | Path, history: Sequence[dict[str, float]]) -> None:
+    """Accuracy / val accuracy and loss / val loss against epochs, as the tutorial plots them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for axes, metric in ((left, "accuracy"), (right, "loss")):
+        axes.plot(epochs, [row[metric] for row in history], marker="o", label=metric)
+        axes.plot(epochs, [row[f"val_{metric}"] for row in history], marker="o", label=f"val_{metric}")
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(metric)
+        axes.set_title(f"model {metric}")
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.tight_layout()
+    atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=100))
+    plt.close(figure)
+
+
+def format_evaluation(result: dict, class_names: Sequence[str]) -> str:
+    width = max(len("class"), *(len(n) for n in class_names))
+    lines = [
+        f"images: {result['images']}   loss: {result['loss']:.4f}   accuracy: {result['accuracy']:.4f}",
+        f"{'class':<{width}}   images   accuracy",
+    ]
+    for name, row, acc in zip(class_names, result["confusion"], result["per_class_accuracy"], strict=True):
+        lines.append(f"{name:<{width}}   {sum(row):>6}   {acc:.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,52 @@
+"""Where and how the model runs: device, numeric precision, memory layout."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` is CUDA when present, else CPU; anything else must be a device torch knows and can use."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UsageError(f"device must be auto, cpu, cuda or cuda:N. Received: device={name!r}.") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device={name!r} was asked for but CUDA is not available here; use --device cpu.")
+    return device
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Native bf16 matrix instructions (AVX512_BF16 or AMX): only then is bf16 faster than fp32 on a CPU."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    """Resolve ``auto`` to ``bf16`` where the hardware runs it natively, else ``fp32``."""
+    if name != "auto":
+        if name == "fp16" and device.type == "cpu":
+            raise UsageError("precision=fp16 needs a CUDA device; on CPU use bf16 or fp32.")
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)

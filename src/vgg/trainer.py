@@ -1,0 +1,139 @@
+"""A whole training run: data -> model -> fit -> model files, history, curves and config in RUN_DIR."""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torchvision
+
+from . import __version__
+from .checkpoint import ModelInfo, atomic_write, save_model
+from .config import TrainConfig, to_dict
+from .data import IMAGENET_MEAN, IMAGENET_STD, Batches, limit_per_class, scan_folder, stratified_split
+from .engine import FitResult, Step, fit
+from .models import build, check_arch
+from .report import format_summary, plot_curves, write_history
+from .runtime import pick_device, pick_precision
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_model: Path
+    last_model: Path
+    class_names: list[str]
+    fit: FitResult
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        return self.fit.history
+
+
+def _write_json(path: Path, data: dict) -> None:
+    atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def train(config: TrainConfig, log: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
+    """Train a model as ``config`` says; everything the run produces goes to ``config.out``."""
+    config.validate()
+    check_arch(config.arch)
+    device = pick_device(config.device)
+    precision = pick_precision(config.precision, device)
+    torch.manual_seed(config.seed)
+
+    folder = scan_folder(config.data)
+    if config.val:
+        train_samples = folder.samples
+        val_samples = scan_folder(config.val, classes=folder.classes).samples
+    else:
+        train_samples, val_samples = stratified_split(folder, config.val_fraction, config.seed)
+    if config.max_per_class:
+        train_samples = limit_per_class(train_samples, config.max_per_class, config.seed)
+        val_samples = limit_per_class(val_samples, max(1, round(config.max_per_class * config.val_fraction)))
+    classes = folder.classes
+
+    pin = device.type == "cuda"
+    train_batches = Batches(
+        train_samples, config.image_size, config.batch_size, shuffle=True, seed=config.seed,
+        workers=config.workers, cache=config.cache, drop_last=True, pin_memory=pin,
+    )  # fmt: skip
+    val_batches = Batches(
+        val_samples, config.image_size, max(config.batch_size, 128), shuffle=False,
+        workers=config.workers, cache=config.cache, pin_memory=pin,
+    )  # fmt: skip
+
+    model = build(config.arch, num_classes=len(classes), image_size=config.image_size, dropout=config.dropout)
+    model = model.to(device, memory_format=torch.channels_last)
+    log(format_summary(config.arch, len(classes), config.image_size))
+    counts = {name: sum(1 for s in train_samples if s.label == i) for i, name in enumerate(classes)}
+    log(
+        f"classes: {len(classes)} ({', '.join(f'{n}: {c}' for n, c in counts.items())})\n"
+        f"train: {len(train_samples)} images ({'in memory' if train_batches.in_memory else 'streamed'}), "
+        f"validation: {len(val_samples)} images, device: {device}, precision: {precision}"
+    )
+
+    run_dir = Path(config.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(
+        run_dir / "config.json",
+        {
+            "config": to_dict(config),
+            "class_names": classes,
+            "seed": config.seed,
+            "device": str(device),
+            "precision": precision,
+            "versions": {
+                "vgg": __version__,
+                "torch": torch.__version__,
+                "torchvision": torchvision.__version__,
+                "python": sys.version.split()[0],
+                "platform": platform.platform(),
+            },
+        },
+    )
+    info = ModelInfo(
+        arch=config.arch,
+        class_names=classes,
+        image_size=config.image_size,
+        mean=list(IMAGENET_MEAN),
+        std=list(IMAGENET_STD),
+        dropout=config.dropout,
+    )
+    best_path, last_path = run_dir / "best.safetensors", run_dir / "last.safetensors"
+    history: list[dict[str, float]] = []
+
+    def on_epoch_end(row: dict[str, float], improved: bool) -> None:
+        history.append(row)
+        save_model(last_path, model, info)
+        if improved:
+            save_model(best_path, model, info)
+        write_history(run_dir / "history.csv", history)
+        plot_curves(run_dir / "curves.png", history)
+        log(
+            f"epoch {int(row['epoch'])}/{config.epochs}: loss {row['loss']:.4f} accuracy {row['accuracy']:.4f} "
+            f"val_loss {row['val_loss']:.4f} val_accuracy {row['val_accuracy']:.4f} "
+            f"({row['images_per_s']:.1f} img/s, {row['seconds']:.0f} s)"
+            + (f"  * best {config.monitor}, saved {best_path}" if improved else "")
+        )
+
+    step = Step(device, precision, IMAGENET_MEAN, IMAGENET_STD)
+    result = fit(model, train_batches, val_batches, config, step, len(classes), on_epoch_end, progress)
+    if result.stopped_early:
+        log(f"stopped early: no {config.monitor} improvement in {config.patience} epochs")
+    skipped = train_batches.skipped + val_batches.skipped
+    if skipped:
+        with open(run_dir / "skipped.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "reason"])
+            writer.writerows(skipped)
+        log(f"skipped {len(skipped)} unreadable files, listed in {run_dir / 'skipped.csv'}")
+    log(f"best {config.monitor} {result.best_value:.4f} at epoch {result.best_epoch}; model: {best_path}")
+    return TrainResult(run_dir, best_path, last_path, classes, result, skipped)
