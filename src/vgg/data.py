@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from torchvision.transforms.v2 import functional as TF
 from .errors import UsageError
 
 log = logging.getLogger(__name__)
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec; they remain the fastest decoders in our stack.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}

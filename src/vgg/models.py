@@ -108,8 +108,12 @@ class VGG(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0, 0.01)
+                # He initialisation keeps the signal's scale through the hidden dense layers. torchvision's
+                # N(0, 0.01) matches it only for the 25,088-input layer at 224 px; at 32 px (512 inputs) it shrinks
+                # the logits ~10x and plain VGG16 never leaves chance (measured on Fashion-MNIST).
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
                 nn.init.zeros_(module.bias)
+        nn.init.normal_(self.classifier[-1].weight, 0, 0.01)
 
     @property
     def num_classes(self) -> int:

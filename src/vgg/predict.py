@@ -70,7 +70,9 @@ class Classifier:
             return TF.resize(TF.pil_to_tensor(item.convert("RGB")), [size, size], antialias=True)
         if isinstance(item, torch.Tensor):
             if item.ndim != 3 or item.shape[0] not in (1, 3):
-                raise UsageError(f"Image tensors must be C x H x W with 1 or 3 channels. Received: {tuple(item.shape)}.")
+                raise UsageError(
+                    f"Image tensors must be C x H x W with 1 or 3 channels. Received: {tuple(item.shape)}."
+                )
             if item.dtype != torch.uint8:
                 item = (item.float().clamp(0, 1) * 255).round().to(torch.uint8)
             item = item.expand(3, -1, -1)

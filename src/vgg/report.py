@@ -61,7 +61,9 @@ def format_summary(arch: str, num_classes: int, image_size: int) -> str:
     """A table like Keras's ``model.summary()``: layer, output shape, parameters, then the totals."""
     rows, total, trainable = layer_table(arch, num_classes, image_size)
     header = ("Layer (type)", "Output Shape", "Param #")
-    cells = [(f"{r.name} ({r.kind})", "(N, " + ", ".join(map(str, r.output_shape)) + ")", f"{r.params:,}") for r in rows]
+    cells = [
+        (f"{r.name} ({r.kind})", "(N, " + ", ".join(map(str, r.output_shape)) + ")", f"{r.params:,}") for r in rows
+    ]
     widths = [max(len(header[i]), *(len(c[i]) for c in cells)) for i in range(3)]
     rule = "-" * (sum(widths) + 6)
     out = io.StringIO()
@@ -72,7 +74,9 @@ def format_summary(arch: str, num_classes: int, image_size: int) -> str:
     for name, shape, params in cells:
         out.write(f"{name:<{widths[0]}}   {shape:<{widths[1]}}   {params:>{widths[2]}}\n")
     out.write(rule.replace("-", "=") + "\n")
-    out.write(f"Total params: {total:,}\nTrainable params: {trainable:,}\nNon-trainable params: {total - trainable:,}\n")
+    out.write(
+        f"Total params: {total:,}\nTrainable params: {trainable:,}\nNon-trainable params: {total - trainable:,}\n"
+    )
     return out.getvalue()
 
 

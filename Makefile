@@ -1,0 +1,47 @@
+# make demo: set up, convert Fashion-MNIST, train VGG16 briefly, evaluate and predict.
+# make test: set up and run the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA := data/fashion-mnist
+RUN := runs/demo
+FASHION_MNIST_DEB := /usr/share/datasets/fashion-mnist
+DEMO_ARGS ?= --arch vgg16 --image-size 32 --epochs 4 --max-per-class 1000 --batch-size 64
+
+.PHONY: setup test demo bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+# Debian's dataset-fashion-mnist package holds the real data offline; without apt, `vgg datasets` downloads it.
+$(DATA)/.complete: | setup
+	@if [ ! -d $(FASHION_MNIST_DEB) ] && command -v apt-get >/dev/null; then \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+	$(BIN)/vgg datasets fashion-mnist $(DATA)
+
+demo: setup $(DATA)/.complete
+	$(BIN)/vgg train $(DATA)/train --out $(RUN) $(DEMO_ARGS)
+	$(BIN)/vgg evaluate $(RUN)/best.safetensors $(DATA)/test
+	$(BIN)/vgg predict $(RUN)/best.safetensors $(DATA)/test/ankle-boot/00000.png $(DATA)/test/trouser/00002.png \
+		$(DATA)/test/sneaker/00009.png $(DATA)/test/bag/00018.png --top-k 2
+	@echo "curves: $(RUN)/curves.png   history: $(RUN)/history.csv   model: $(RUN)/best.safetensors"
+
+bench: setup
+	$(BIN)/python benchmarks/bench_speed.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vgg.checkpoint import ModelInfo, atomic_write, load_model, read_info, save_model
+from vgg.errors import UsageError
+from vgg.models import build
+
+
+def _info(classes=("cat", "dog")) -> ModelInfo:
+    return ModelInfo("vgg11", list(classes), 32, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+
+
+def test_round_trip_keeps_weights_and_metadata(tmp_path: Path):
+    model = build("vgg11", num_classes=2, image_size=32).eval()
+    save_model(tmp_path / "m.safetensors", model, _info())
+    loaded, info = load_model(tmp_path / "m.safetensors")
+    assert info == _info()
+    assert read_info(tmp_path / "m.safetensors").class_names == ["cat", "dog"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_safetensors_without_our_metadata_is_refused(tmp_path: Path):
+    path = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path))
+    with pytest.raises(UsageError, match=r"other.safetensors is a safetensors file but not a vgg model"):
+        load_model(path)
+
+
+def test_random_bytes_and_missing_files_are_refused(tmp_path: Path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00\x01not a model at all")
+    with pytest.raises(UsageError, match=r"junk.safetensors is not a vgg model file"):
+        load_model(junk)
+    with pytest.raises(UsageError, match=r"Model file not found: .*nope.safetensors"):
+        load_model(tmp_path / "nope.safetensors")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.target), "pwned"))
+
+
+def test_a_pickle_is_never_executed(tmp_path: Path):
+    exploit = _Exploit()
+    exploit.target = str(tmp_path / "pwned.txt")
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps(exploit))
+    with pytest.raises(UsageError, match="not a vgg model file"):
+        load_model(evil)
+    assert not (tmp_path / "pwned.txt").exists()
+
+
+def test_failed_write_leaves_the_previous_file_intact(tmp_path: Path):
+    target = tmp_path / "best.safetensors"
+    target.write_text("previous")
+
+    def crash(temp: str) -> None:
+        Path(temp).write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, crash)
+    assert target.read_text() == "previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["best.safetensors"]

@@ -1,0 +1,153 @@
+"""The command line, called in-process as a user would type it."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import COLOURS, write_images
+
+from vgg.cli import main
+
+TINY = ["--arch", "vgg11", "--image-size", "32", "--batch-size", "8", "--workers", "0"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One small training run shared by the tests that read its outputs."""
+    root = tmp_path_factory.mktemp("trained")
+    data = write_images(root / "data", {k: COLOURS[k] for k in ("cat", "dog")}, per_class=12)
+    out = root / "run"
+    assert main(["train", str(data), "--out", str(out), "--epochs", "2", *TINY]) == 0
+    return out
+
+
+def test_summary_prints_keras_style_table_and_totals(capsys):
+    code, out, _ = run(capsys, "summary", "--arch", "vgg16", "--classes", "2", "--image-size", "224")
+    assert code == 0
+    assert "features.0 (Conv2d)" in out and "(N, 64, 224, 224)" in out and "1,792" in out
+    assert "flatten (Flatten)" in out and "(N, 25088)" in out
+    assert "classifier.6 (Linear)" in out and "8,194" in out
+    assert "Total params: 134,268,738" in out
+    assert len([line for line in out.splitlines() if "(Conv2d)" in line]) == 13
+    assert len([line for line in out.splitlines() if "(MaxPool2d)" in line]) == 5
+
+
+def test_train_writes_models_history_curves_and_config(trained: Path):
+    for name in ("best.safetensors", "last.safetensors", "history.csv", "curves.png", "config.json"):
+        assert (trained / name).is_file(), name
+    rows = list(csv.DictReader(open(trained / "history.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(rows[0])
+    config = json.loads((trained / "config.json").read_text())
+    assert config["class_names"] == ["cat", "dog"]
+    assert config["config"]["arch"] == "vgg11" and config["config"]["image_size"] == 32
+    assert "torch" in config["versions"]
+    assert (trained / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_prints_summary_and_epoch_metrics(two_class_dir: Path, tmp_path: Path, capsys):
+    code, out, _ = run(capsys, "train", two_class_dir, "--out", tmp_path / "r", "--epochs", "1", *TINY)
+    assert code == 0
+    assert "Total params:" in out
+    assert "epoch 1/1: loss" in out and "val_accuracy" in out and "img/s" in out
+
+
+def test_early_stopping_with_patience(two_class_dir: Path, tmp_path: Path, capsys):
+    # a zero learning rate can never improve after epoch 1, so patience 1 stops at epoch 2
+    code, out, _ = run(
+        capsys, "train", two_class_dir, "--out", tmp_path / "r", "--epochs", "6", "--patience", "1",
+        "--lr", "1e-12", "--optimizer", "sgd", "--monitor", "val_loss", *TINY,
+    )  # fmt: skip
+    assert code == 0
+    assert "stopped early" in out
+    assert len(list(csv.DictReader(open(tmp_path / "r" / "history.csv")))) == 2
+
+
+def test_predict_text_and_json(trained: Path, two_class_dir: Path, capsys):
+    image = two_class_dir / "cat" / "cat_000.jpg"
+    code, out, _ = run(capsys, "predict", trained / "best.safetensors", image)
+    assert code == 0
+    assert out.startswith(f"{image}: ") and out.split(": ")[1].split()[0] in {"cat", "dog"}
+    code, out, _ = run(capsys, "predict", trained / "best.safetensors", two_class_dir / "dog", "--top-k", "2", "--json")
+    assert code == 0
+    answers = json.loads(out)
+    assert len(answers) == 12
+    for answer in answers:
+        assert [t["label"] for t in answer["top_k"]] in (["cat", "dog"], ["dog", "cat"])
+        assert sum(t["probability"] for t in answer["top_k"]) == pytest.approx(1, abs=1e-3)
+
+
+def test_evaluate_reports_loss_accuracy_and_per_class(trained: Path, two_class_dir: Path, capsys):
+    code, out, _ = run(capsys, "evaluate", trained / "best.safetensors", two_class_dir, "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["images"] == 24 and result["class_names"] == ["cat", "dog"]
+    assert 0 <= result["accuracy"] <= 1 and len(result["per_class_accuracy"]) == 2
+    assert sum(map(sum, result["confusion"])) == 24
+    code, out, _ = run(capsys, "evaluate", trained / "best.safetensors", two_class_dir)
+    assert code == 0 and "accuracy" in out and "cat" in out and "dog" in out
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_datasets_fashion_mnist_from_idx_files(tmp_path: Path, capsys):
+    source = tmp_path / "idx"
+    source.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 30), ("t10k", 20)):
+        _write_idx(source / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+        _write_idx(source / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    dest = tmp_path / "fm"
+    code, out, _ = run(capsys, "datasets", "fashion-mnist", dest, "--source", source)
+    assert code == 0
+    classes = sorted(p.name for p in (dest / "train").iterdir())
+    assert classes == sorted(["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+                              "bag", "ankle-boot"])  # fmt: skip
+    assert len(list((dest / "train").rglob("*.png"))) == 30 and len(list((dest / "test").rglob("*.png"))) == 20
+    assert len(list((dest / "test" / "trouser").glob("*.png"))) == 2
+    code, out, _ = run(capsys, "datasets", "fashion-mnist", dest, "--source", source)  # again: nothing to do
+    assert code == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "{tmp}/missing"], r"error: Data folder not found: .*missing is nothing\. Expected a folder"),
+        (["train", "{tmp}/flat"], r"error: No class folders in .*flat/: expected .* Found 2 files and 0 folders"),
+        (["train", "{tmp}/one"], r"error: Only one class in .*one/ \('cat'\): expected at least 2"),
+        (["train", "{data}", "--monitor", "val_acc"], r"error: monitor must be one of .*Did you mean 'val_accuracy'"),
+        (["predict", "{model}", "{tmp}/nope.jpg"], r"error: Image not found: .*nope.jpg\. Expected an image file"),
+        (["predict", "{tmp}/flat/a.txt", "{data}/cat"], r"error: .*a.txt is not a vgg model file"),
+        (["evaluate", "{tmp}/nomodel.safetensors", "{data}"], r"error: Model file not found: .*nomodel"),
+        (["summary", "--arch", "vgg15"], r"error: arch must be one of .*Received: arch='vgg15'"),
+        (["train"], r"error: vgg train: the following arguments are required: data"),
+        (["datasets", "fashion-mnist", "{tmp}/fm", "--source", "{tmp}"], r"error: Fashion-MNIST files missing in"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_exit_2(argv, message, tmp_path, two_class_dir, trained, capsys):
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.txt").write_text("x")
+    (tmp_path / "flat" / "b.txt").write_text("y")
+    (tmp_path / "one" / "cat").mkdir(parents=True)
+    argv = [a.format(tmp=tmp_path, data=two_class_dir, model=trained / "best.safetensors") for a in argv]
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vgg.config import RECIPES, TrainConfig, resolve
+from vgg.errors import UsageError
+
+
+def test_defaults_recipe_file_then_flags(tmp_path):
+    file = tmp_path / "run.toml"
+    file.write_text("epochs = 7\nlr = 0.5\n[augment]\nrotation = 15.0\n")
+    config = resolve("tutorial", file, lr=0.1, augment={"zoom": 0.2, "shift": None})
+    assert config.optimizer == "adam"  # recipe
+    assert config.epochs == 7  # file
+    assert config.lr == 0.1  # flag beats file
+    assert config.augment.rotation == 15.0 and config.augment.zoom == 0.2
+    assert config.augment.shift == RECIPES["tutorial"]["augment"]["shift"]  # None means "not given"
+
+
+def test_unknown_keys_suggest_the_right_one(tmp_path):
+    file = tmp_path / "run.json"
+    file.write_text(json.dumps({"epoch": 3}))
+    with pytest.raises(UsageError, match=r"Unknown key 'epoch' in .*run.json\. Did you mean 'epochs'\?"):
+        resolve(file=file)
+    file.write_text(json.dumps({"augment": {"rotate": 3}}))
+    with pytest.raises(UsageError, match=r"Unknown key 'rotate' in .*augment\. Did you mean 'rotation'\?"):
+        resolve(file=file)
+
+
+def test_keras_monitor_name_is_an_error_not_a_silent_default():
+    with pytest.raises(UsageError, match=r"monitor must be one of .* Received: monitor='val_acc'\. Did you mean"):
+        resolve(monitor="val_acc")
+
+
+def test_bad_values_are_named():
+    with pytest.raises(
+        UsageError, match=r"optimizer must be one of \{sgd, adam, adamw\}. Received: optimizer='rmsprop'"
+    ):
+        TrainConfig(optimizer="rmsprop").validate()
+    with pytest.raises(UsageError, match="epochs must be a positive integer. Received: epochs=0"):
+        resolve(epochs=0)
+    with pytest.raises(UsageError, match="recipe must be one of"):
+        resolve("keras")
