@@ -7,9 +7,13 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,16 +88,22 @@ TRAIN_FLAGS = (
 )  # fmt: skip
 
 
-def _train(args: argparse.Namespace) -> int:
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The resolved training configuration for parsed ``vgg train`` arguments."""
     from .config import resolve
-    from .trainer import train
 
-    config = resolve(
+    return resolve(
         args.recipe,
         args.config,
         augment={name: getattr(args, name) for name in AUGMENT_FLAGS},
         **{name: getattr(args, name) for name in TRAIN_FLAGS},
     )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .trainer import train
+
+    config = train_config(args)
     result = train(config, log=print, progress=sys.stderr.isatty())
     print(f"run folder: {result.run_dir} (best.safetensors, last.safetensors, history.csv, curves.png, config.json)")
     return 0
