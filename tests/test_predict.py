@@ -1,0 +1,78 @@
+"""The Python API a user calls after training: vgg.load(path).predict(...) and .evaluate(...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import vgg
+from vgg.checkpoint import ModelInfo, save_model
+from vgg.data import decode
+from vgg.errors import UsageError
+from vgg.models import build
+
+
+@pytest.fixture
+def model_file(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "m.safetensors"
+    save_model(path, build("vgg11", 3, 32), ModelInfo("vgg11", ["cat", "dog", "fox"], 32, [0.5] * 3, [0.25] * 3))
+    return path
+
+
+def test_paths_pil_images_and_tensors_give_the_same_answer(model_file: Path, three_class_dir: Path):
+    classifier = vgg.load(model_file, device="cpu", precision="fp32")
+    path = three_class_dir / "fox" / "fox_001.png"
+    pil = Image.open(path)
+    uint8 = decode(path)
+    as_float = uint8.float() / 255
+    answers = classifier.predict([path, pil, uint8, as_float], top_k=3)
+    assert len({a.label for a in answers}) == 1
+    probs = [dict(a.top_k) for a in answers]
+    for p in probs[1:]:
+        assert p == pytest.approx(probs[0], abs=1e-3)
+    assert sum(probs[0].values()) == pytest.approx(1, abs=1e-4)
+    single = classifier.predict(str(path))
+    assert isinstance(single, vgg.Prediction) and single.label == answers[0].label and single.source == str(path)
+
+
+def test_batch_tensor_and_top_k_bounds(model_file: Path):
+    classifier = vgg.load(model_file, device="cpu")
+    answers = classifier.predict(torch.rand(5, 3, 40, 40), top_k=10)
+    assert len(answers) == 5 and all(len(a.top_k) == 3 for a in answers)
+    with pytest.raises(UsageError, match="top_k must be at least 1. Received: 0"):
+        classifier.predict(torch.rand(3, 32, 32), top_k=0)
+
+
+def test_bad_inputs_are_named(model_file: Path, tmp_path: Path):
+    classifier = vgg.load(model_file, device="cpu")
+    (tmp_path / "fake.jpg").write_text("this is text")
+    with pytest.raises(UsageError, match=r"Cannot read image .*fake.jpg: not a decodable image"):
+        classifier.predict(tmp_path / "fake.jpg")
+    with pytest.raises(
+        UsageError, match=r"Image tensors must be C x H x W with 1 or 3 channels. Received: \(4, 8, 8\)"
+    ):
+        classifier.predict(torch.rand(4, 8, 8))
+    with pytest.raises(UsageError, match="Cannot predict on int"):
+        classifier.predict([3])
+
+
+def test_evaluate_counts_every_image(model_file: Path, three_class_dir: Path):
+    result = vgg.load(model_file, device="cpu").evaluate(three_class_dir)
+    assert result["images"] == 30
+    assert torch.tensor(result["confusion"]).sum(1).tolist() == [10, 10, 10]
+    assert result["accuracy"] == pytest.approx(sum(torch.tensor(result["confusion"]).diag().tolist()) / 30)
+
+
+def test_trained_model_predicts_its_classes(three_class_dir: Path, tmp_path: Path):
+    """The whole workflow in Python: a few epochs on clearly separable images give a model that is right."""
+    config = vgg.TrainConfig(
+        data=str(three_class_dir), out=str(tmp_path / "run"), arch="vgg11_bn", image_size=32, epochs=4,
+        batch_size=8, workers=0, lr=1e-3, warmup_epochs=0, device="cpu",
+    )  # fmt: skip
+    result = vgg.train(config, log=lambda _: None, progress=False)
+    classifier = vgg.load(result.best_model, device="cpu")
+    assert classifier.evaluate(three_class_dir)["accuracy"] >= 0.9
