@@ -104,6 +104,7 @@ def plot_curves(path: str | Path, history: Sequence[dict[str, float]]) -> None:
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -111,6 +112,7 @@ def plot_curves(path: str | Path, history: Sequence[dict[str, float]]) -> None:
         axes.plot(epochs, [row[metric] for row in history], marker="o", label=metric)
         axes.plot(epochs, [row[f"val_{metric}"] for row in history], marker="o", label=f"val_{metric}")
         axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel(metric)
         axes.set_title(f"model {metric}")
         axes.grid(alpha=0.3)
