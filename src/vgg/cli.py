@@ -77,7 +77,17 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     g.add_argument("--brightness", type=float, help="brightness factor range [1-b, 1+b]; default 0")
     _bool_flag(g, "hflip", "random left-right flips (default on)")
     _bool_flag(g, "vflip", "random upside-down flips (default off)")
+    _add_transfer_flags(p)
     p.set_defaults(run=_train)
+
+
+def _add_transfer_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("transfer learning")
+    g.add_argument("--weights", help="start from 'imagenet' (torchvision's weights for --arch) or a .pth/.safetensors")
+    g.add_argument("--freeze", help="none (default) or features: train only the classifier")
+    g.add_argument("--unfreeze-at", type=int, help="with --freeze features: train the features too from this epoch")
+    g.add_argument("--backbone-lr-scale", type=float, help="the features' learning rate is lr times this; default 1")
+    _bool_flag(g, "cache-features", "frozen features, no augmentation: compute features once (default on)")
 
 
 AUGMENT_FLAGS = ("rotation", "shift", "zoom", "shear", "brightness", "hflip", "vflip")
@@ -86,6 +96,7 @@ TRAIN_FLAGS = (
     "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "dropout", "patience", "monitor",
     "val_fraction", "max_per_class", "seed", "device", "precision", "workers", "cache",
 )  # fmt: skip
+TRANSFER_FLAGS = ("weights", "freeze", "unfreeze_at", "backbone_lr_scale", "cache_features")
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -96,7 +107,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         args.recipe,
         args.config,
         augment={name: getattr(args, name) for name in AUGMENT_FLAGS},
-        **{name: getattr(args, name) for name in TRAIN_FLAGS},
+        **{name: getattr(args, name) for name in TRAIN_FLAGS + TRANSFER_FLAGS},
     )
 
 
@@ -111,7 +122,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _add_predict(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("predict", help="predict the class of images with a trained model")
-    p.add_argument("model", help="a .safetensors model file written by `vgg train`")
+    p.add_argument("model", help="a .safetensors model file written by `vgg train`, or imagenet:ARCH (e.g. vgg16)")
     p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument("--top-k", type=int, default=1, help="show the k most likely classes; default 1")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -136,7 +147,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("evaluate", help="loss, accuracy and per-class accuracy on a labelled folder")
-    p.add_argument("model", help="a .safetensors model file written by `vgg train`")
+    p.add_argument("model", help="a .safetensors model file written by `vgg train`, or imagenet:ARCH (e.g. vgg16)")
     p.add_argument("data", help="labelled folder DATA/<class>/<image> with the model's classes")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--batch-size", type=int, default=64)
@@ -152,6 +163,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     result = classifier.evaluate(args.data, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(result, indent=2))
+    elif "top5_accuracy" in result:
+        from .imagenet import format_imagenet_evaluation
+
+        print(format_imagenet_evaluation(result))
     else:
         print(format_evaluation(result, classifier.class_names))
     return 0

@@ -19,6 +19,7 @@ MONITORS = ("val_accuracy", "val_loss", "accuracy", "loss")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+FREEZE = ("none", "features")
 
 
 @dataclass
@@ -56,6 +57,12 @@ class TrainConfig:
     precision: str = "auto"
     workers: int | None = None
     cache: str = "auto"
+    # transfer learning (transfer.py): weights to start from, frozen backbone, its learning rate, cached features
+    weights: str | None = None
+    freeze: str = "none"
+    unfreeze_at: int | None = None
+    backbone_lr_scale: float = 1.0
+    cache_features: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> TrainConfig:
@@ -71,7 +78,27 @@ class TrainConfig:
             raise UsageError(f"lr must be positive. Received: lr={self.lr}.")
         if self.patience < 0:
             raise UsageError(f"patience must be 0 or more. Received: patience={self.patience}.")
+        self._validate_transfer()
         return self
+
+    def _validate_transfer(self) -> None:
+        _choice("freeze", self.freeze, FREEZE)
+        if self.unfreeze_at is not None:
+            if self.freeze != "features":
+                raise UsageError(
+                    f"unfreeze_at needs frozen features. Received: unfreeze_at={self.unfreeze_at} with "
+                    f"freeze={self.freeze!r}; add --freeze features."
+                )
+            if not 2 <= self.unfreeze_at <= self.epochs:
+                raise UsageError(
+                    f"unfreeze_at must be an epoch from 2 to epochs={self.epochs}. Received: "
+                    f"unfreeze_at={self.unfreeze_at}."
+                )
+        if not self.backbone_lr_scale > 0:
+            raise UsageError(
+                f"backbone_lr_scale must be positive (use --freeze features to stop the backbone). "
+                f"Received: backbone_lr_scale={self.backbone_lr_scale}."
+            )
 
 
 # Named recipes: overrides applied on top of the defaults, before any config file or flag.

@@ -86,6 +86,7 @@ class VGG(nn.Module):
             raise UsageError(f"num_classes must be at least 1. Received: {num_classes}.")
         side = pooled_size(image_size)
         self.features = features
+        self.features_frozen = False
         self.avgpool = nn.AdaptiveAvgPool2d((side, side))
         self.classifier = nn.Sequential(
             nn.Linear(512 * side * side, 4096),
@@ -127,6 +128,19 @@ class VGG(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def freeze_features(self, frozen: bool = True) -> None:
+        """Stop (or resume) training the convolutional trunk: no gradients, and batch-norm statistics held fixed."""
+        self.features.requires_grad_(not frozen)
+        self.features_frozen = frozen
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> VGG:
+        super().train(mode)
+        if self.features_frozen:
+            # Running batch-norm statistics are part of the pretrained trunk: updating them would change it.
+            self.features.eval()
+        return self
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the output layer (transfer learning to a new set of classes)."""

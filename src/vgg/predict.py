@@ -58,16 +58,15 @@ class Classifier:
         return self.info.class_names
 
     def _to_tensor(self, item: ImageInput) -> torch.Tensor:
-        size = self.info.image_size
         if isinstance(item, str | Path):
             try:
-                return decode(item, size)
+                return fit_to_model(decode(item), self.info)
             except ValueError as error:
                 raise UsageError(f"Cannot read image {item}: {error}. Expected a jpg, png, ... image file.") from error
             except FileNotFoundError as error:
                 raise UsageError(str(error)) from error
         if isinstance(item, Image.Image):
-            return TF.resize(TF.pil_to_tensor(item.convert("RGB")), [size, size], antialias=True)
+            return fit_to_model(TF.pil_to_tensor(item.convert("RGB")), self.info)
         if isinstance(item, torch.Tensor):
             if item.ndim != 3 or item.shape[0] not in (1, 3):
                 raise UsageError(
@@ -75,8 +74,7 @@ class Classifier:
                 )
             if item.dtype != torch.uint8:
                 item = (item.float().clamp(0, 1) * 255).round().to(torch.uint8)
-            item = item.expand(3, -1, -1)
-            return TF.resize(item, [size, size], antialias=True)
+            return fit_to_model(item.expand(3, -1, -1), self.info)
         raise UsageError(f"Cannot predict on {type(item).__name__}: expected a path, a PIL image or a tensor.")
 
     def probabilities(self, images: Sequence[ImageInput] | torch.Tensor, batch_size: int = 64) -> torch.Tensor:
@@ -121,8 +119,30 @@ class Classifier:
         return result
 
 
+def fit_to_model(image: torch.Tensor, info: ModelInfo) -> torch.Tensor:
+    """Bring a C x H x W image to the model's input size the way its preprocessing says.
+
+    ``squash`` (models trained here) resizes to a square, as training did; ``crop`` (ImageNet's evaluation
+    transform) resizes the short side to ``extra["resize_size"]`` and takes the central square.
+    """
+    size = info.image_size
+    if info.resize == "crop":
+        image = TF.resize(image, [int(info.extra.get("resize_size", size))], antialias=True)
+        return TF.center_crop(image, [size, size])
+    if tuple(image.shape[-2:]) != (size, size):
+        image = TF.resize(image, [size, size], antialias=True)
+    return image
+
+
 def load(path: str | Path, device: str = "auto", precision: str = "auto") -> Classifier:
-    """Load a model file written by ``vgg train``; no code from the file is executed."""
+    """Load a model file written by ``vgg train``, or ``imagenet:ARCH`` for torchvision's ImageNet classifier.
+
+    No code from a file is executed.
+    """
+    from .imagenet import is_imagenet, load_imagenet
+
+    if is_imagenet(path):
+        return load_imagenet(str(path), device, precision)
     model, info = load_model(path)
     return Classifier(model, info, device, precision)
 

@@ -16,11 +16,12 @@ import torchvision
 from . import __version__
 from .checkpoint import ModelInfo, atomic_write, save_model
 from .config import TrainConfig, to_dict
-from .data import IMAGENET_MEAN, IMAGENET_STD, Batches, limit_per_class, scan_folder, stratified_split
+from .data import Batches, limit_per_class, scan_folder, stratified_split
 from .engine import FitResult, Step, fit
 from .models import build, check_arch
 from .report import format_summary, plot_curves, write_history
 from .runtime import pick_device, pick_precision
+from .transfer import cached_fit_inputs, maybe_unfreeze, prepare
 
 
 @dataclass
@@ -60,6 +61,9 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, progress: boo
         val_samples = limit_per_class(val_samples, max(1, round(config.max_per_class * config.val_fraction)))
     classes = folder.classes
 
+    # Weights are read before the images are decoded: a missing weights file should not cost a decoding pass.
+    model = build(config.arch, num_classes=len(classes), image_size=config.image_size, dropout=config.dropout)
+    preprocessing = prepare(model, config, classes, log)
     pin = device.type == "cuda"
     train_batches = Batches(
         train_samples, config.image_size, config.batch_size, shuffle=True, seed=config.seed,
@@ -70,7 +74,6 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, progress: boo
         workers=config.workers, cache=config.cache, pin_memory=pin,
     )  # fmt: skip
 
-    model = build(config.arch, num_classes=len(classes), image_size=config.image_size, dropout=config.dropout)
     model = model.to(device, memory_format=torch.channels_last)
     log(format_summary(config.arch, len(classes), config.image_size))
     counts = {name: sum(1 for s in train_samples if s.label == i) for i, name in enumerate(classes)}
@@ -103,9 +106,10 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, progress: boo
         arch=config.arch,
         class_names=classes,
         image_size=config.image_size,
-        mean=list(IMAGENET_MEAN),
-        std=list(IMAGENET_STD),
+        mean=list(preprocessing.mean),
+        std=list(preprocessing.std),
         dropout=config.dropout,
+        extra={"weights": preprocessing.source} if preprocessing.source else {},
     )
     best_path, last_path = run_dir / "best.safetensors", run_dir / "last.safetensors"
     history: list[dict[str, float]] = []
@@ -123,9 +127,14 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, progress: boo
             f"({row['images_per_s']:.1f} img/s, {row['seconds']:.0f} s)"
             + (f"  * best {config.monitor}, saved {best_path}" if improved else "")
         )
+        maybe_unfreeze(model, config, int(row["epoch"]), log)
 
-    step = Step(device, precision, IMAGENET_MEAN, IMAGENET_STD)
-    result = fit(model, train_batches, val_batches, config, step, len(classes), on_epoch_end, progress)
+    step = Step(device, precision, preprocessing.mean, preprocessing.std)
+    # With a frozen backbone and no augmentation, fit the classifier alone on features computed once.
+    fitted, fit_train, fit_val, fit_step = cached_fit_inputs(
+        model, train_batches, val_batches, step, config, log, progress
+    ) or (model, train_batches, val_batches, step)
+    result = fit(fitted, fit_train, fit_val, config, fit_step, len(classes), on_epoch_end, progress)
     if result.stopped_early:
         log(f"stopped early: no {config.monitor} improvement in {config.patience} epochs")
     skipped = train_batches.skipped + val_batches.skipped
