@@ -16,7 +16,7 @@ import torchvision
 from conftest import COLOURS, write_images
 from safetensors import safe_open
 
-from vgg.checkpoint import load_model
+from vgg.checkpoint import ModelInfo, load_model, save_model
 from vgg.cli import main
 from vgg.config import TrainConfig, resolve
 from vgg.engine import make_optimizer
@@ -251,6 +251,17 @@ def bad_inputs(tmp_path_factory) -> Path:
     torch.save({k: v for k, v in vgg13.items() if k.startswith("features")}, root / "v13.pth")
     write_images(root / "wnids", {"n01440764": (0, 0, 0), "n01443537": (0, 0, 0)}, 1)
     write_images(root / "names", {"golden retreiver": (0, 0, 0)}, 1)
+    write_images(root / "index", {"7": (0, 0, 0), "1000": (0, 0, 0)}, 1)
+    (root / "empty" / "tench").mkdir(parents=True)
+    (root / "weights.txt").write_text("not weights")
+    (root / "broken.pth").write_text("not a zip or pickle")
+    (root / "broken.safetensors").write_text("not safetensors")
+    info = ModelInfo("vgg13", ["cat", "dog"], 32, [0.5] * 3, [0.25] * 3)
+    save_model(root / "vgg13.safetensors", build("vgg13", num_classes=2, image_size=32), info)
+    (root / "wrong_home" / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(
+        {"features.0.weight": torch.zeros(1)}, root / "wrong_home" / "hub" / "checkpoints" / "vgg13-19584684.pth"
+    )
     return root
 
 
@@ -272,7 +283,19 @@ def bad_inputs(tmp_path_factory) -> Path:
          r"unfreeze_at must be an epoch from 2 to epochs=3\. Received: unfreeze_at=9"),
         (["train", "{data}", "--freeze", "backbone"], r"freeze must be one of \{none, features\}"),
         (["train", "{data}", "--backbone-lr-scale", "0"], r"backbone_lr_scale must be positive"),
+        (["train", "{data}", "--weights", "{tmp}/weights.txt", *TINY], r"must end in \.pth, \.pt or \.safetensors"),
+        (["train", "{data}", "--weights", "{tmp}/broken.pth", *TINY], r"Cannot read weights file .*broken\.pth .*"
+         r"Expected a state_dict saved with torch\.save"),
+        (["train", "{data}", "--weights", "{tmp}/broken.safetensors", *TINY], r"Cannot read weights file .*broken\."
+         r"safetensors .*Expected a \.safetensors file"),
+        (["train", "{data}", "--weights", "{tmp}/vgg13.safetensors", *TINY], r"vgg13\.safetensors is a vgg13 model but "
+         r"arch=vgg11\. Train with --arch vgg13"),
         (["evaluate", "imagenet:vgg11", "{tmp}/wnids"], r"has 2 WordNet-id folders; expected all 1000"),
+        (["evaluate", "imagenet:vgg11", "{tmp}/index"], r"Class index folders must be 0 to 999\. Received: 1000"),
+        (["evaluate", "imagenet:vgg11", "{tmp}/empty"], r"No images in the class folders of .*empty/"),
+        (["evaluate", "imagenet:vgg11", "{tmp}/nothing"], r"Data folder not found: .*nothing\. Expected an ImageNet"),
+        (["predict", "imagenet:vgg13", "{data}/cat"], r"The cached ImageNet file for vgg13 does not hold vgg13's "
+         r"weights .*Delete it to download it again"),
         (["evaluate", "imagenet:vgg11", "{tmp}/names"], r"Folder .*golden retreiver/ is not an ImageNet category.*"
          r"Did you mean 'golden retriever'"),
     ],
@@ -280,6 +303,8 @@ def bad_inputs(tmp_path_factory) -> Path:
 def test_bad_input_is_one_clear_line(argv, message, bad_inputs, two_class_dir, imagenet_home, monkeypatch, capsys):
     if "imagenet:vgg11" in argv:
         monkeypatch.setenv("TORCH_HOME", str(imagenet_home))
+    if "imagenet:vgg13" in argv:
+        monkeypatch.setenv("TORCH_HOME", str(bad_inputs / "wrong_home"))
     code, _, err = run(capsys, *[a.format(tmp=bad_inputs, data=two_class_dir) for a in argv])
     assert code == 2
     assert len(err.strip().splitlines()) == 1, err

@@ -16,7 +16,7 @@ import os
 import pickle
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
 from urllib.parse import urlparse
@@ -50,7 +50,6 @@ class Pretrained:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     class_names: list[str] | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def imagenet_weights(arch: str):  # -> torchvision.models.WeightsEnum
