@@ -105,6 +105,7 @@ TRAIN_FLAGS = (
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The resolved training configuration for parsed ``vgg train`` arguments."""
     from .config import resolve
+    from .distributed import from_env
     from .state import resume_config
 
     augment = {name: getattr(args, name) for name in AUGMENT_FLAGS}
@@ -127,7 +128,10 @@ def _train(args: argparse.Namespace) -> int:
 
     config = train_config(args)
     result = train(config, log=print, progress=sys.stderr.isatty(), resume=bool(args.resume))
-    print(f"run folder: {result.run_dir} (best.safetensors, last.safetensors, history.csv, curves.png, config.json)")
+    if from_env().main:
+        print(
+            f"run folder: {result.run_dir} (best.safetensors, last.safetensors, history.csv, curves.png, config.json)"
+        )
     return 0
 
 
