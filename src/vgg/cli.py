@@ -105,7 +105,6 @@ TRAIN_FLAGS = (
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The resolved training configuration for parsed ``vgg train`` arguments."""
     from .config import resolve
-    from .distributed import from_env
     from .state import resume_config
 
     augment = {name: getattr(args, name) for name in AUGMENT_FLAGS}
