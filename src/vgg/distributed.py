@@ -68,6 +68,19 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def gather(value: object) -> list[object]:
+    """Every process's ``value``, in rank order (``[value]`` in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def finish(world: World, wait: bool = True) -> None:
     """Wait for every rank (rank 0 may still be writing files), then leave the process group.
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .augment import AugmentConfig, augment_batch
 from .config import TrainConfig
 from .data import Batches, normalize
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_sum, gather, rank
 from .runtime import autocast
 from .schedules import Schedule, make_schedule
 from .state import rng_states, set_rng_states
@@ -73,7 +73,12 @@ class Totals:
         return cls(torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long))
 
     def state_dict(self) -> dict:
-        return {"loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "seen": self.seen}
+        """The sums over all processes (a collective call under DDP); a resumed run restores them on rank 0."""
+        loss_sum, correct = self.loss_sum.detach().clone(), self.correct.clone()
+        seen = torch.tensor(self.seen, device=loss_sum.device)
+        for tensor in (loss_sum, correct, seen):
+            all_reduce_sum(tensor)
+        return {"loss_sum": loss_sum.cpu(), "correct": correct.cpu(), "seen": int(seen)}
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device) -> Totals:
@@ -271,7 +276,8 @@ def fit(
         best_weights = state.get("best_model")
         if isinstance(train_batches, Batches):
             train_batches.load_state_dict(state["batches"])
-        set_rng_states(state["rng"])
+        # One entry per process: each continues its own dropout and augmentation stream.
+        set_rng_states(state["rng"][rank()] if rank() < len(state["rng"]) else state["rng"][0])
 
     def snapshot(done: int, in_epoch: dict[str, Any] | None) -> dict[str, Any]:
         return {
@@ -285,7 +291,7 @@ def fit(
             "stopper": {"best": stopper.best, "epoch": stopper.best_epoch, "bad": stopper.bad_epochs},
             "history": result.history,
             "batches": train_batches.state_dict() if isinstance(train_batches, Batches) else None,
-            "rng": rng_states(step.device),
+            "rng": gather(rng_states(step.device)),
         }
 
     if state is not None and stopper.should_stop:
@@ -315,7 +321,7 @@ def fit(
             accumulate=config.accumulate,
             clip_grad_norm=config.clip_grad_norm,
             start=train_batches.state_dict()["position"] if resumed and isinstance(train_batches, Batches) else 0,
-            totals=Totals.from_state(resumed["totals"], step.device) if resumed else None,
+            totals=Totals.from_state(resumed["totals"], step.device) if resumed and rank() == 0 else None,
             on_step=on_step,
         )
         resumed = None
