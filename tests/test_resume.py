@@ -63,7 +63,7 @@ def test_kill_9_mid_epoch_then_resume_ends_like_an_unbroken_run(tmp_path: Path):
     os.kill(process.pid, signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     interrupted = load_state(broken)  # the file the kill left behind is whole
-    assert interrupted["epoch"] < 2
+    assert interrupted["epoch"] < 2 and interrupted["in_epoch"] is not None  # killed mid-epoch (6 steps each)
 
     resumed = subprocess.run(_vgg("train", "--resume", broken), env=_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
