@@ -55,7 +55,7 @@ def test_cosine_warms_up_then_decays_to_zero():
 
 
 def test_one_cycle_rises_to_the_peak_then_anneals_and_cycles_momentum():
-    config = TrainConfig(lr=0.1, epochs=4, schedule="onecycle", warmup_epochs=1, momentum=0.9)
+    config = TrainConfig(optimizer="sgd", lr=0.1, epochs=4, schedule="onecycle", warmup_epochs=1, momentum=0.9)
     lr = rates(config)
     peak = lr.index(max(lr))
     assert max(lr) == pytest.approx(0.1) and 3 <= peak <= 6 and lr[0] == pytest.approx(0.1 / 25)

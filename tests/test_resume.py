@@ -184,6 +184,6 @@ def test_state_file_that_is_not_a_state(finished_run: Path, tmp_path: Path):
     (tmp_path / STATE_FILE).write_bytes(b"not a pickle")
     with pytest.raises(UsageError, match=r"Cannot resume from .*state.pt: not a readable training state"):
         load_state(tmp_path)
-    with pytest.raises(UsageError, match=r"with optimizer='adam': the run was started with optimizer='sgd'"):
+    with pytest.raises(UsageError, match=r"with optimizer='adam': the run was started with optimizer='adamw'"):
         resume_config(finished_run, {"optimizer": "adam", "epochs": 5})
     assert resume_config(finished_run, {"epochs": 5, "arch": "vgg11"}).epochs == 5
