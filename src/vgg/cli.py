@@ -43,11 +43,12 @@ def _summary(args: argparse.Namespace) -> int:
 
 def _add_train(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("train", help="train a model on a class-per-folder image dataset")
-    p.add_argument("data", help="dataset folder: DATA/<class>/<image>")
+    p.add_argument("data", nargs="?", help="dataset folder: DATA/<class>/<image> (optional with --resume)")
     p.add_argument("--val", help="validation folder with the same classes (default: a stratified 80/20 split)")
     p.add_argument("--out", help="run folder for models, history, curves and config (default runs/train)")
     p.add_argument("--config", help="a .toml or .json file of settings; flags override it")
-    p.add_argument("--recipe", default="default", help="default (learns) or tutorial (Adam 1e-3, no augmentation)")
+    p.add_argument("--recipe", help="default (learns) or tutorial (Adam 1e-3, no augmentation)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its state.pt, exactly")
     p.add_argument("--arch", help="vgg11, vgg13, vgg16, vgg19 or their _bn variants; default vgg16")
     p.add_argument("--image-size", type=int, help="images are resized to this square side; default 224")
     p.add_argument("--epochs", type=int, help="maximum number of epochs; default 30")
@@ -56,15 +57,26 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help="peak learning rate; default 2e-4")
     p.add_argument("--momentum", type=float, help="SGD momentum (Nesterov); default 0.9")
     p.add_argument("--weight-decay", type=float, help="default 0.05 (decoupled, AdamW)")
-    p.add_argument("--schedule", help="cosine (default, after warm-up) or constant")
+    _bool_flag(p, "nesterov", "Nesterov momentum for SGD (default on)")
+    p.add_argument("--schedule", help="cosine (default), constant, step, onecycle or plateau; all after warm-up")
     p.add_argument("--warmup-epochs", type=float, help="linear warm-up length; default 1")
+    p.add_argument("--step-size", type=int, help="step schedule: decay the rate by --gamma every N epochs; default 10")
+    p.add_argument("--gamma", type=float, help="step and plateau schedules: rate decay factor; default 0.1")
+    p.add_argument("--plateau-patience", type=int, help="plateau schedule: epochs without improvement; default 3")
+    p.add_argument("--clip-grad-norm", type=float, help="clip the gradient norm to this value; default 0 (off)")
+    p.add_argument("--accumulate", type=int, help="accumulate gradients over N batches per step; default 1")
     p.add_argument("--label-smoothing", type=float, help="default 0.1")
     p.add_argument("--dropout", type=float, help="dropout in the classifier; default 0.5")
     p.add_argument("--patience", type=int, help="stop after this many epochs without improvement; default 20")
     p.add_argument("--monitor", help="val_accuracy (default), val_loss, accuracy or loss")
+    p.add_argument("--min-delta", type=float, help="smallest change of --monitor that counts as improvement; default 0")
+    _bool_flag(p, "restore-best", "end with the best epoch's weights instead of the last (default off)")
     p.add_argument("--val-fraction", type=float, help="validation share when --val is not given; default 0.2")
     p.add_argument("--max-per-class", type=int, help="use at most this many training images per class")
     p.add_argument("--seed", type=int, help="seed for the split, initialisation and shuffling; default 0")
+    _bool_flag(p, "deterministic", "deterministic kernels only (torch.use_deterministic_algorithms); default off")
+    p.add_argument("--save-every-steps", type=int, help="also save state.pt every N steps, for mid-epoch resume")
+    _bool_flag(p, "tensorboard", "write TensorBoard event files to RUN_DIR/tensorboard (needs vgg[tensorboard])")
     p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--precision", help="auto (default: bf16 where native), fp32, bf16, fp16 (CUDA)")
     p.add_argument("--workers", type=int, help="image decoding processes; default: one per core, up to 8")
@@ -94,7 +106,9 @@ AUGMENT_FLAGS = ("rotation", "shift", "zoom", "shear", "brightness", "hflip", "v
 TRAIN_FLAGS = (
     "data", "val", "out", "arch", "image_size", "epochs", "batch_size", "optimizer", "lr", "momentum",
     "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "dropout", "patience", "monitor",
-    "val_fraction", "max_per_class", "seed", "device", "precision", "workers", "cache",
+    "val_fraction", "max_per_class", "seed", "device", "precision", "workers", "cache", "nesterov", "step_size",
+    "gamma", "plateau_patience", "clip_grad_norm", "accumulate", "min_delta", "restore_best", "deterministic",
+    "save_every_steps", "tensorboard",
 )  # fmt: skip
 TRANSFER_FLAGS = ("weights", "freeze", "unfreeze_at", "backbone_lr_scale", "cache_features")
 
@@ -102,21 +116,32 @@ TRANSFER_FLAGS = ("weights", "freeze", "unfreeze_at", "backbone_lr_scale", "cach
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The resolved training configuration for parsed ``vgg train`` arguments."""
     from .config import resolve
+    from .state import resume_config
 
-    return resolve(
-        args.recipe,
-        args.config,
-        augment={name: getattr(args, name) for name in AUGMENT_FLAGS},
-        **{name: getattr(args, name) for name in TRAIN_FLAGS + TRANSFER_FLAGS},
-    )
+    augment = {name: getattr(args, name) for name in AUGMENT_FLAGS}
+    flags = {name: getattr(args, name) for name in TRAIN_FLAGS + TRANSFER_FLAGS}
+    if args.resume:
+        if args.config or args.recipe:
+            raise UsageError(
+                f"--resume takes its settings from {args.resume}/config.json; drop --config/--recipe "
+                "(flags like --epochs or --device may still be given)."
+            )
+        return resume_config(args.resume, {**flags, "augment": augment})
+    if not args.data:
+        raise UsageError("vgg train: the following arguments are required: data (or --resume RUN_DIR)")
+    return resolve(args.recipe or "default", args.config, augment=augment, **flags)
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .distributed import from_env
     from .trainer import train
 
     config = train_config(args)
-    result = train(config, log=print, progress=sys.stderr.isatty())
-    print(f"run folder: {result.run_dir} (best.safetensors, last.safetensors, history.csv, curves.png, config.json)")
+    result = train(config, log=print, progress=sys.stderr.isatty(), resume=bool(args.resume))
+    if from_env().main:
+        print(
+            f"run folder: {result.run_dir} (best.safetensors, last.safetensors, history.csv, curves.png, config.json)"
+        )
     return 0
 
 

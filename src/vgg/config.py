@@ -17,7 +17,7 @@ from .errors import UsageError, did_you_mean
 
 MONITORS = ("val_accuracy", "val_loss", "accuracy", "loss")
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "step", "onecycle", "plateau")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FREEZE = ("none", "features")
 
@@ -43,16 +43,27 @@ class TrainConfig:
     optimizer: str = "adamw"
     lr: float = 2e-4
     momentum: float = 0.9
+    nesterov: bool = True
     weight_decay: float = 0.05
     schedule: str = "cosine"
     warmup_epochs: float = 1.0
+    step_size: int = 10
+    gamma: float = 0.1
+    plateau_patience: int = 3
+    clip_grad_norm: float = 0.0
+    accumulate: int = 1
     label_smoothing: float = 0.1
     dropout: float = 0.5
     patience: int = 20
     monitor: str = "val_accuracy"
+    min_delta: float = 0.0
+    restore_best: bool = False
     val_fraction: float = 0.2
     max_per_class: int | None = None
     seed: int = 0
+    deterministic: bool = False
+    save_every_steps: int = 0
+    tensorboard: bool = False
     device: str = "auto"
     precision: str = "auto"
     workers: int | None = None
@@ -71,13 +82,16 @@ class TrainConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("cache", self.cache, ("auto", "ram", "none"))
-        for name in ("epochs", "batch_size", "image_size"):
+        for name in ("epochs", "batch_size", "image_size", "step_size", "accumulate"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be a positive integer. Received: {name}={getattr(self, name)}.")
         if self.lr <= 0:
             raise UsageError(f"lr must be positive. Received: lr={self.lr}.")
-        if self.patience < 0:
-            raise UsageError(f"patience must be 0 or more. Received: patience={self.patience}.")
+        for name in ("patience", "plateau_patience", "save_every_steps", "clip_grad_norm", "min_delta"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} must be 0 or more. Received: {name}={getattr(self, name)}.")
+        if not 0 < self.gamma < 1:
+            raise UsageError(f"gamma (learning-rate decay) must be between 0 and 1. Received: gamma={self.gamma}.")
         self._validate_transfer()
         return self
 

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, ImageOps
@@ -236,6 +237,11 @@ class Batches:
 
     Small datasets are decoded once (in parallel) and kept in memory; larger ones are decoded by loader workers
     every epoch. Files that fail to decode are skipped and listed in ``skipped`` (path, reason), never fatal.
+
+    Both paths draw each epoch's order from ``generator``. With ``world_size`` > 1 (torchrun), every process
+    draws the same order and takes every ``world_size``-th image of it, so the shards are disjoint and, with
+    ``drop_last``, equally long (DDP needs every process to take the same number of steps).
+    ``state_dict()`` / ``load_state_dict()`` save and restore where the shuffling stands, mid-epoch included.
     """
 
     def __init__(
@@ -249,6 +255,8 @@ class Batches:
         cache: str = "auto",
         drop_last: bool = False,
         pin_memory: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if cache not in ("auto", "ram", "none"):
             raise UsageError(f"cache must be one of {{auto, ram, none}}. Received: cache={cache!r}.")
@@ -256,22 +264,26 @@ class Batches:
         self.image_size = image_size
         self.batch_size = batch_size
         self.shuffle = shuffle
-        self.drop_last = drop_last and len(self.samples) > batch_size
+        self.drop_last = drop_last
         self.workers = default_workers() if workers is None else workers
         self.pin_memory = pin_memory
+        self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
         self.skipped: list[tuple[str, str]] = []
         self.images: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
+        # Batches handed out in the current epoch, and the generator state its order was drawn from.
+        self.position = 0
+        self._epoch_state = self.generator.get_state()
+        self._resume_at = 0
         nbytes = len(self.samples) * 3 * image_size * image_size
         if cache == "ram" or (cache == "auto" and nbytes <= RAM_CACHE_LIMIT):
             self._decode_all()
 
-    def _loader(self, shuffle: bool, batch_size: int) -> DataLoader:
+    def _loader(self, batches: list[list[int]]) -> DataLoader:
         return DataLoader(
             DecodedImages(self.samples, self.image_size),
-            batch_size=batch_size,
-            shuffle=shuffle,
+            batch_sampler=batches,
             num_workers=self.workers,
             collate_fn=_collate,
             generator=self.generator,
@@ -281,7 +293,8 @@ class Batches:
 
     def _decode_all(self) -> None:
         images, labels = [], []
-        for batch_images, batch_labels, bad in self._loader(shuffle=False, batch_size=256):
+        chunks = [list(range(i, min(i + 256, len(self.samples)))) for i in range(0, len(self.samples), 256)]
+        for batch_images, batch_labels, bad in self._loader(chunks):
             images.append(batch_images)
             labels.append(batch_labels)
             self._record(bad)
@@ -298,28 +311,55 @@ class Batches:
     def in_memory(self) -> bool:
         return self.images is not None
 
-    def __len__(self) -> int:
-        n = len(self.images) if self.images is not None else len(self.samples)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
     @property
     def num_images(self) -> int:
         return len(self.images) if self.images is not None else len(self.samples)
 
+    def _shard(self, order: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return order
+        if self.drop_last:
+            order = order[: len(order) - len(order) % self.world_size]
+        return order[self.rank :: self.world_size]
+
+    def _drops_last(self, n: int) -> bool:
+        return self.drop_last and n > self.batch_size
+
+    def __len__(self) -> int:
+        n = len(self._shard(torch.arange(self.num_images)))
+        return n // self.batch_size if self._drops_last(n) else -(-n // self.batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the shuffling stands: mid-epoch, the state this epoch's order came from and how far it got."""
+        generator = self._epoch_state if self.position else self.generator.get_state()
+        return {"generator": generator.clone(), "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The next iteration replays the saved epoch's order and skips the batches already handed out."""
+        self.generator.set_state(state["generator"])
+        self._resume_at = int(state["position"])
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._epoch_state = self.generator.get_state()
+        n = self.num_images
+        order = self._shard(torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n))
+        stop = len(order) - len(order) % self.batch_size if self._drops_last(len(order)) else len(order)
+        starts = range(self._resume_at * self.batch_size, stop, self.batch_size)
+        self.position, self._resume_at = self._resume_at, 0
         if self.images is not None:
-            n = len(self.images)
-            order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-            stop = n - n % self.batch_size if self.drop_last else n
-            for start in range(0, stop, self.batch_size):
+            for start in starts:
                 index = order[start : start + self.batch_size]
                 images, labels = self.images[index], self.labels[index]
+                self.position += 1
                 yield (images.pin_memory(), labels.pin_memory()) if self.pin_memory else (images, labels)
-            return
-        for images, labels, bad in self._loader(self.shuffle, self.batch_size):
-            self._record(bad)
-            if len(labels) and not (self.drop_last and len(labels) < self.batch_size):
-                yield images, labels
+        else:
+            batches = [order[start : start + self.batch_size].tolist() for start in starts]
+            for images, labels, bad in self._loader(batches):
+                self._record(bad)
+                self.position += 1
+                if len(labels):
+                    yield images, labels
+        self.position = 0
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

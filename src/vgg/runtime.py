@@ -25,12 +25,17 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 @functools.cache
-def cpu_has_bf16() -> bool:
-    """Native bf16 matrix instructions (AVX512_BF16 or AMX): only then is bf16 faster than fp32 on a CPU."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Native bf16 matrix instructions (AVX512_BF16 or AMX): only then is bf16 faster than fp32 on a CPU.
+
+    ``cpuinfo`` is the text of /proc/cpuinfo, read when not given.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split()}
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -12,15 +12,22 @@ from pathlib import Path
 
 import torch
 import torchvision
+from safetensors.torch import load_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
 from .checkpoint import ModelInfo, atomic_write, save_model
 from .config import TrainConfig, to_dict
 from .data import Batches, limit_per_class, scan_folder, stratified_split
+from .distributed import World, finish
+from .distributed import setup as setup_distributed
 from .engine import FitResult, Step, fit
+from .errors import UsageError
 from .models import build, check_arch
 from .report import format_summary, plot_curves, write_history
 from .runtime import pick_device, pick_precision
+from .state import load_state, save_state
 from .transfer import cached_fit_inputs, maybe_unfreeze, prepare
 
 
@@ -32,6 +39,7 @@ class TrainResult:
     class_names: list[str]
     fit: FitResult
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    model: nn.Module | None = None
 
     @property
     def history(self) -> list[dict[str, float]]:
@@ -42,12 +50,64 @@ def _write_json(path: Path, data: dict) -> None:
     atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
-def train(config: TrainConfig, log: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
-    """Train a model as ``config`` says; everything the run produces goes to ``config.out``."""
+def train(
+    config: TrainConfig, log: Callable[[str], None] = print, progress: bool = True, resume: bool = False
+) -> TrainResult:
+    """Train a model as ``config`` says; everything the run produces goes to ``config.out``.
+
+    With ``resume``, continue the run in ``config.out`` from its ``state.pt`` (see ``state.resume_config`` for
+    the settings that must match). Under torchrun, every process calls this; only rank 0 writes and logs.
+    """
     config.validate()
     check_arch(config.arch)
-    device = pick_device(config.device)
+    state = load_state(config.out) if resume else None
+    world, device = setup_distributed(pick_device(config.device))
+    if not world.main:
+        log, progress = (lambda _: None), False
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        result = _train(config, log, progress, state, device, world)
+    except BaseException:
+        finish(world, wait=False)
+        raise
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+    finish(world)
+    return result
+
+
+def _tensorboard(config: TrainConfig, state: dict | None):
+    if not config.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise UsageError(
+            "--tensorboard needs the tensorboard package, which is not installed. "
+            "Install it with: pip install 'vgg[tensorboard]' (or pip install tensorboard)."
+        ) from error
+    # purge_step drops events a killed run wrote after its last saved state, so resumed curves do not double back.
+    purge = state["epoch"] + 1 if state is not None else None
+    return SummaryWriter(str(Path(config.out) / "tensorboard"), purge_step=purge)
+
+
+def _train(
+    config: TrainConfig,
+    log: Callable[[str], None],
+    progress: bool,
+    state: dict | None,
+    device: torch.device,
+    world: World,
+) -> TrainResult:
     precision = pick_precision(config.precision, device)
+    if world.distributed and config.unfreeze_at:
+        # DDP registers the parameters that need gradients when it wraps the model; later unfreezing is unseen.
+        raise UsageError("--unfreeze-at is not supported under torchrun yet: train frozen, then --weights RUN/best...")
+    if config.deterministic:
+        # Ops with no deterministic kernel (a few CUDA backward passes) warn rather than stop a long run.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    writer = _tensorboard(config, state) if world.main else None
     torch.manual_seed(config.seed)
 
     folder = scan_folder(config.data)
@@ -60,6 +120,13 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, progress: boo
         train_samples = limit_per_class(train_samples, config.max_per_class, config.seed)
         val_samples = limit_per_class(val_samples, max(1, round(config.max_per_class * config.val_fraction)))
     classes = folder.classes
+    if state is not None:
+        saved = json.loads((Path(config.out) / "config.json").read_text())["class_names"]
+        if classes != saved:
+            raise UsageError(
+                f"Cannot resume {config.out}: {config.data} has classes {classes} but the run was trained on "
+                f"{saved}. Resume with the run's data, or start a new run with another --out."
+            )
 
     # Weights are read before the images are decoded: a missing weights file should not cost a decoding pass.
     model = build(config.arch, num_classes=len(classes), image_size=config.image_size, dropout=config.dropout)
@@ -68,40 +135,48 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, progress: boo
     train_batches = Batches(
         train_samples, config.image_size, config.batch_size, shuffle=True, seed=config.seed,
         workers=config.workers, cache=config.cache, drop_last=True, pin_memory=pin,
+        rank=world.rank, world_size=world.world_size,
     )  # fmt: skip
     val_batches = Batches(
         val_samples, config.image_size, max(config.batch_size, 128), shuffle=False,
         workers=config.workers, cache=config.cache, pin_memory=pin,
+        rank=world.rank, world_size=world.world_size,
     )  # fmt: skip
 
     model = model.to(device, memory_format=torch.channels_last)
+    if world.distributed:
+        # DDP copies rank 0's initial weights to every process; the other streams (dropout, augmentation) differ.
+        torch.manual_seed(config.seed + world.rank)
     log(format_summary(config.arch, len(classes), config.image_size))
     counts = {name: sum(1 for s in train_samples if s.label == i) for i, name in enumerate(classes)}
     log(
         f"classes: {len(classes)} ({', '.join(f'{n}: {c}' for n, c in counts.items())})\n"
         f"train: {len(train_samples)} images ({'in memory' if train_batches.in_memory else 'streamed'}), "
         f"validation: {len(val_samples)} images, device: {device}, precision: {precision}"
+        + (f", {world.world_size} processes" if world.distributed else "")
     )
 
     run_dir = Path(config.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(
-        run_dir / "config.json",
-        {
-            "config": to_dict(config),
-            "class_names": classes,
-            "seed": config.seed,
-            "device": str(device),
-            "precision": precision,
-            "versions": {
-                "vgg": __version__,
-                "torch": torch.__version__,
-                "torchvision": torchvision.__version__,
-                "python": sys.version.split()[0],
-                "platform": platform.platform(),
+    if world.main:
+        _write_json(
+            run_dir / "config.json",
+            {
+                "config": to_dict(config),
+                "class_names": classes,
+                "seed": config.seed,
+                "device": str(device),
+                "precision": precision,
+                "world_size": world.world_size,
+                "versions": {
+                    "vgg": __version__,
+                    "torch": torch.__version__,
+                    "torchvision": torchvision.__version__,
+                    "python": sys.version.split()[0],
+                    "platform": platform.platform(),
+                },
             },
-        },
-    )
+        )
     info = ModelInfo(
         arch=config.arch,
         class_names=classes,
@@ -112,10 +187,24 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, progress: boo
         extra={"weights": preprocessing.source} if preprocessing.source else {},
     )
     best_path, last_path = run_dir / "best.safetensors", run_dir / "last.safetensors"
-    history: list[dict[str, float]] = []
+    history: list[dict[str, float]] = list(state["history"]) if state is not None else []
+    if state is not None:
+        done = state["epoch"] + (state["batches"]["position"] / max(1, len(train_batches)) if state["in_epoch"] else 0)
+        log(f"resuming {run_dir} at epoch {done:.2f} of {config.epochs}")
+        if state["epoch"] >= config.epochs:
+            log(f"the run already finished {state['epoch']} epochs: pass --epochs N to train longer")
+        if config.restore_best and best_path.is_file():
+            state["best_model"] = load_file(best_path)
 
     def on_epoch_end(row: dict[str, float], improved: bool) -> None:
         history.append(row)
+        if writer is not None:
+            for name in ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "images_per_s"):
+                writer.add_scalar(name, row[name], int(row["epoch"]))
+            writer.flush()
+        maybe_unfreeze(model, config, int(row["epoch"]), log)
+        if not world.main:
+            return
         save_model(last_path, model, info)
         if improved:
             save_model(best_path, model, info)
@@ -127,22 +216,38 @@ def train(config: TrainConfig, log: Callable[[str], None] = print, progress: boo
             f"({row['images_per_s']:.1f} img/s, {row['seconds']:.0f} s)"
             + (f"  * best {config.monitor}, saved {best_path}" if improved else "")
         )
-        maybe_unfreeze(model, config, int(row["epoch"]), log)
+
+    def on_checkpoint(training_state: dict) -> None:
+        if world.main:
+            save_state(run_dir, training_state)
 
     step = Step(device, precision, preprocessing.mean, preprocessing.std)
-    # With a frozen backbone and no augmentation, fit the classifier alone on features computed once.
-    fitted, fit_train, fit_val, fit_step = cached_fit_inputs(
-        model, train_batches, val_batches, step, config, log, progress
-    ) or (model, train_batches, val_batches, step)
-    result = fit(fitted, fit_train, fit_val, config, fit_step, len(classes), on_epoch_end, progress)
+    # With a frozen backbone and no augmentation, fit the classifier alone on features computed once
+    # (single process only: each process would otherwise fit its own classifier on its own shard).
+    cached = (
+        None if world.distributed else cached_fit_inputs(model, train_batches, val_batches, step, config, log, progress)
+    )
+    if cached is not None:
+        trained, fit_train, fit_val, fit_step = cached
+    else:
+        fit_train, fit_val, fit_step = train_batches, val_batches, step
+        trained = model
+        if world.distributed:
+            trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    result = fit(
+        trained, fit_train, fit_val, config, fit_step, len(classes), on_epoch_end, progress, state, on_checkpoint
+    )
+    if writer is not None:
+        writer.close()
     if result.stopped_early:
         log(f"stopped early: no {config.monitor} improvement in {config.patience} epochs")
     skipped = train_batches.skipped + val_batches.skipped
-    if skipped:
+    if skipped and world.main:
         with open(run_dir / "skipped.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["path", "reason"])
             writer.writerows(skipped)
         log(f"skipped {len(skipped)} unreadable files, listed in {run_dir / 'skipped.csv'}")
-    log(f"best {config.monitor} {result.best_value:.4f} at epoch {result.best_epoch}; model: {best_path}")
-    return TrainResult(run_dir, best_path, last_path, classes, result, skipped)
+    if result.best_value is not None:
+        log(f"best {config.monitor} {result.best_value:.4f} at epoch {result.best_epoch}; model: {best_path}")
+    return TrainResult(run_dir, best_path, last_path, classes, result, skipped, model)
