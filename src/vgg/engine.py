@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .augment import AugmentConfig, augment_batch
+from .augment import AugmentConfig, augment_batch, batch_mixer
 from .config import TrainConfig
 from .data import normalize
 from .runtime import autocast
@@ -83,8 +83,13 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     description: str = "train",
     progress: bool = True,
+    mixer: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    class_weights: torch.Tensor | None = None,
 ) -> dict[str, float]:
+    """One pass over ``batches``; ``mixer`` (MixUp/CutMix) turns labels into soft targets for the loss."""
     model.train()
+    if class_weights is not None:
+        class_weights = class_weights.to(step.device)
     # Running sums stay on the device: reading them every step would make the GPU wait for the host.
     loss_sum = torch.zeros((), device=step.device)
     correct = torch.zeros((), device=step.device, dtype=torch.long)
@@ -96,9 +101,12 @@ def train_one_epoch(
             continue
         inputs = step.inputs(images, augment)
         labels = labels.to(step.device, non_blocking=True)
+        targets = labels
+        if mixer is not None:
+            inputs, targets = mixer(inputs, labels)
         with autocast(step.device, step.precision):
             logits = model(inputs)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+            loss = F.cross_entropy(logits.float(), targets, weight=class_weights, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -201,6 +209,7 @@ def fit(
     num_classes: int,
     on_epoch_end: Callable[[dict[str, float], bool], None] | None = None,
     progress: bool = True,
+    class_weights: torch.Tensor | None = None,
 ) -> FitResult:
     """Train for ``config.epochs`` epochs, evaluating after each.
 
@@ -212,6 +221,7 @@ def fit(
     schedule = make_schedule(optimizer, config, steps_per_epoch)
     scaler = torch.amp.GradScaler(step.device.type) if step.precision == "fp16" else None
     stopper = EarlyStopping(config.monitor, config.patience)
+    mixer = batch_mixer(config.augment, num_classes)
     result = FitResult()
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
@@ -227,6 +237,8 @@ def fit(
             scaler,
             description=f"epoch {epoch}/{config.epochs}",
             progress=progress,
+            mixer=mixer,
+            class_weights=class_weights,
         )
         val = evaluate(model, val_batches, step, num_classes)
         row = {
