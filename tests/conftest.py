@@ -102,7 +102,7 @@ def write_messy_dataset(root: Path, per_class: int = 8) -> Path:
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display", as phones write it
     rotated.save(cat / "rotated.JPG", exif=exif)
     (cat / "nested" / "deeper").mkdir(parents=True)
-    Image.new("RGB", (40, 40), COLOURS["cat"]).save(cat / "nested" / "deeper" / "cat_nested.png")
+    Image.new("RGB", (40, 40), (200, 60, 60)).save(cat / "nested" / "deeper" / "cat_nested.png")
     (cat / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     (cat / "readme.txt").write_text("downloaded from somewhere")
     (dog / "huge.png").write_bytes(_png_claiming(20_000, 20_000))

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import csv
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -9,8 +11,11 @@ from conftest import COLOURS, MESSY_BAD, MESSY_UNUSUAL, write_images, write_mess
 from PIL import Image
 
 from vgg import scan
+from vgg.cli import main
+from vgg.config import resolve
 from vgg.data import Batches, class_weights, decode, read_split, scan_folder, stratified_split, write_split
 from vgg.errors import UsageError
+from vgg.trainer import train
 
 
 def test_classes_are_sorted_folders_and_clutter_is_ignored(two_class_dir: Path):
@@ -203,3 +208,64 @@ def test_per_image_transform_runs_every_epoch_on_training_batches(two_class_dir:
     for _ in range(2):
         for (a, _), (b, _) in zip(inverted, plain, strict=True):
             assert torch.equal(a, 255 - b)
+
+
+# --- whole training runs on messy folders ----------------------------------------------------------------------
+
+TINY = ["--arch", "vgg11", "--image-size", "32", "--batch-size", "8", "--workers", "0", "--epochs", "1"]
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(open(path, newline="")))
+
+
+def test_training_on_a_messy_folder_completes_and_names_every_bad_file(tmp_path: Path):
+    root = write_messy_dataset(tmp_path / "messy")
+    out = tmp_path / "run"
+    assert main(["train", str(root), "--out", str(out), *TINY]) == 0
+    assert json.loads((out / "config.json").read_text())["class_names"] == ["cat", "dog"]
+    skipped = {str(Path(r["path"]).relative_to(root)): r["reason"] for r in _rows(out / "skipped.csv")}
+    assert set(skipped) == set(MESSY_BAD)
+    for name, reason in MESSY_BAD.items():
+        assert reason in skipped[name]
+    split = _rows(out / "split.csv")
+    assert Counter((r["class"], r["split"]) for r in split) == {
+        ("cat", "train"): 10, ("cat", "val"): 3, ("dog", "train"): 10, ("dog", "val"): 3,
+    }  # fmt: skip
+    used = {str(Path(r["path"]).relative_to(root)) for r in split}
+    assert set(MESSY_UNUSUAL) <= used
+
+
+def test_split_manifest_of_a_run_is_reused_by_another(two_class_dir: Path, tmp_path: Path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["train", str(two_class_dir), "--out", str(first), "--seed", "3", *TINY]) == 0
+    reuse = ["--split", str(first / "split.csv"), "--seed", "4"]  # another seed would split differently
+    assert main(["train", str(two_class_dir), "--out", str(second), *reuse, *TINY]) == 0
+    assert _rows(second / "split.csv") == _rows(first / "split.csv")
+    assert stratified_split(scan_folder(two_class_dir), 0.2, seed=4) != stratified_split(
+        scan_folder(two_class_dir), 0.2, seed=3
+    )
+
+
+def test_a_class_whose_files_all_fail_to_decode_is_an_error(two_class_dir: Path, tmp_path: Path):
+    emu = two_class_dir / "emu"
+    emu.mkdir()
+    for i in range(3):  # JPEG headers, so only decoding finds them broken
+        (emu / f"{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 40)
+    with pytest.raises(UsageError, match=r"Class 'emu' has no usable training images: every file failed to decode"):
+        train(resolve(data=str(two_class_dir), out=str(tmp_path / "run"), arch="vgg11", image_size=32, workers=0))
+
+
+def test_imbalance_remedies_and_augment_presets_train(tmp_path: Path, capsys):
+    data = write_images(tmp_path / "data", {"cat": COLOURS["cat"]}, per_class=16, size=32)
+    write_images(data, {"dog": COLOURS["dog"]}, per_class=4, size=32, seed=1)
+    argv = ["train", str(data), *TINY, "--class-weight", "auto", "--sampler", "balanced", "--augment", "randaugment"]
+    assert main([*argv, "--out", str(tmp_path / "r1"), "--mixup", "0.2", "--cutmix", "1.0", "--erasing", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "imbalance: 4.3x (cat: 13, dog: 3); using class-weighted loss and balanced sampling" in out
+    assert "class weights: cat: 0.62, dog: 2.67" in out
+    assert main(["train", str(data), *TINY, "--out", str(tmp_path / "r2"), "--augment", "trivialaugment"]) == 0
+    assert "consider --class-weight auto or --sampler balanced" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "r1" / "config.json").read_text())["config"]
+    assert saved["sampler"] == "balanced" and saved["class_weight"] == "auto"
+    assert saved["augment"]["policy"] == "randaugment" and saved["augment"]["mixup"] == 0.2

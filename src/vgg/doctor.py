@@ -35,8 +35,10 @@ def inspect_image(path: str) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as im:
-                info.update(mode=im.mode, size=list(im.size), frames=getattr(im, "n_frames", 1))
-                info["rotated"] = im.getexif().get(0x0112, 1) not in (1, None)
+                orientation = im.getexif().get(0x0112, 1)
+                # Sizes as displayed (and as trained on): orientations 5-8 swap width and height.
+                size = list(im.size)[::-1] if orientation in (5, 6, 7, 8) else list(im.size)
+                info.update(mode=im.mode, size=size, frames=getattr(im, "n_frames", 1), rotated=orientation != 1)
     except Exception:  # noqa: BLE001 - any header failure is reported by the decode below
         pass
     try:
