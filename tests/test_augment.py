@@ -94,3 +94,14 @@ def test_mixup_and_cutmix_give_soft_targets_the_loss_accepts():
         loss = torch.nn.functional.cross_entropy(torch.zeros(16, 4), targets)
         assert loss.item() == pytest.approx(math.log(4), rel=1e-5)
     assert batch_mixer(AugmentConfig(), 4) is None
+
+
+def test_feature_cache_is_refused_when_presets_change_images_every_epoch():
+    from vgg.config import resolve
+    from vgg.transfer import cache_blocker
+
+    still = {"shift": 0.0, "hflip": False}
+    assert cache_blocker(resolve(freeze="features", augment=still)) is None
+    for changes in ({"policy": "randaugment"}, {"mixup": 0.2}, {"erasing": 0.5}):
+        assert "per-image augmentation policy" in cache_blocker(resolve(freeze="features", augment=still | changes))
+    assert "--sampler balanced" in cache_blocker(resolve(freeze="features", sampler="balanced", augment=still))
