@@ -39,3 +39,82 @@ def three_class_dir(tmp_path: Path) -> Path:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _index_cache(tmp_path_factory, monkeypatch):
+    """Index caches go to a temp folder, never the user's ~/.cache."""
+    monkeypatch.setenv("VGG_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb, without the memory)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+# What a messy real-world folder holds. Bad files, with the reason skipped.csv must give for each:
+MESSY_BAD = {
+    "cat/broken.jpg": "truncated jpeg",
+    "cat/empty.jpg": "empty file",
+    "cat/notes.jpg": "not an image",
+    "dog/huge.png": "too large",
+}
+# Good files in unusual formats, each of which must be used:
+MESSY_UNUSUAL = [
+    "cat/png_named.jpg",
+    "cat/cmyk.jpg",
+    "cat/rotated.JPG",
+    "cat/nested/deeper/cat_nested.png",
+    "dog/grey16.png",
+    "dog/palette.png",
+    "dog/anim.gif",
+    "dog/photo_without_extension",
+]
+
+
+def write_messy_dataset(root: Path, per_class: int = 8) -> Path:
+    """Two classes (cat, dog) of ``per_class`` plain images each, plus every bad, unusual and clutter case."""
+    import io
+
+    write_images(root, {k: COLOURS[k] for k in ("cat", "dog")}, per_class=per_class)
+    cat, dog = root / "cat", root / "dog"
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    (cat / "broken.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    (cat / "empty.jpg").write_bytes(b"")
+    (cat / "notes.jpg").write_text("these are my notes, not a photo\n")
+    Image.new("RGB", (40, 40), COLOURS["cat"]).save(cat / "png_named.jpg", format="PNG")
+    Image.new("CMYK", (40, 40), (0, 255, 255, 0)).save(cat / "cmyk.jpg")
+    rotated = Image.new("RGB", (40, 20), COLOURS["cat"])
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display", as phones write it
+    rotated.save(cat / "rotated.JPG", exif=exif)
+    (cat / "nested" / "deeper").mkdir(parents=True)
+    Image.new("RGB", (40, 40), (200, 60, 60)).save(cat / "nested" / "deeper" / "cat_nested.png")
+    (cat / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (cat / "readme.txt").write_text("downloaded from somewhere")
+    (dog / "huge.png").write_bytes(_png_claiming(20_000, 20_000))
+    Image.fromarray(np.full((40, 40), 40_000, np.uint16)).save(dog / "grey16.png")
+    palette = Image.new("P", (40, 40), 1)
+    palette.putpalette([0, 0, 0, *COLOURS["dog"]] + [0] * 762)
+    palette.save(dog / "palette.png", transparency=0)
+    frames = [Image.new("RGB", (40, 40), colour) for colour in (COLOURS["dog"], (0, 255, 0))]
+    frames[0].save(dog / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.new("RGB", (40, 40), COLOURS["dog"]).save(dog / "photo_without_extension", format="JPEG")
+    for hidden in (root / ".hidden_class", root / "__MACOSX" / "cat", root / ".ipynb_checkpoints"):
+        hidden.mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(hidden / "x.png")
+    (cat / "._cat_000.jpg").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    return root

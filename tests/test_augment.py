@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
-from vgg.augment import AugmentConfig, augment_batch
+from vgg.augment import AugmentConfig, augment_batch, batch_mixer, image_transform
 
 
 def _batch(n=64):
@@ -54,3 +57,51 @@ def test_rotation_zoom_shear_and_brightness_change_images_and_keep_range():
     assert out.shape == images.shape
     assert out.min() >= 0 and out.max() <= 1
     assert not torch.allclose(out, images)
+
+
+def test_none_preset_turns_every_augmentation_off():
+    config = AugmentConfig(policy="none", rotation=30, hflip=True, mixup=0.2, erasing=0.5)
+    images = _batch()
+    assert augment_batch(images, config) is images
+    assert image_transform(config) is None and batch_mixer(config, 3) is None
+
+
+@pytest.mark.parametrize("policy", ["randaugment", "trivialaugment"])
+def test_policies_change_uint8_images_one_by_one(policy: str):
+    transform = image_transform(AugmentConfig(policy=policy))
+    images = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
+    out = torch.stack([transform(image) for image in images])
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    assert sum(not torch.equal(o, i) for o, i in zip(out, images, strict=True)) > 16
+    assert image_transform(AugmentConfig(policy="basic")) is None
+
+
+def test_random_erasing_blacks_out_a_rectangle():
+    transform = image_transform(AugmentConfig(erasing=1.0))
+    image = torch.full((3, 16, 16), 200, dtype=torch.uint8)
+    out = transform(image)
+    assert (out == 0).any() and (out == 200).any()
+
+
+def test_mixup_and_cutmix_give_soft_targets_the_loss_accepts():
+    images = _batch(16)
+    labels = torch.arange(16) % 4
+    for config in (AugmentConfig(mixup=0.4), AugmentConfig(cutmix=1.0), AugmentConfig(mixup=0.2, cutmix=1.0)):
+        mixed, targets = batch_mixer(config, 4)(images, labels)
+        assert mixed.shape == images.shape and targets.shape == (16, 4)
+        assert torch.allclose(targets.sum(1), torch.ones(16))
+        assert not torch.equal(mixed, images)
+        loss = torch.nn.functional.cross_entropy(torch.zeros(16, 4), targets)
+        assert loss.item() == pytest.approx(math.log(4), rel=1e-5)
+    assert batch_mixer(AugmentConfig(), 4) is None
+
+
+def test_feature_cache_is_refused_when_presets_change_images_every_epoch():
+    from vgg.config import resolve
+    from vgg.transfer import cache_blocker
+
+    still = {"shift": 0.0, "hflip": False}
+    assert cache_blocker(resolve(freeze="features", augment=still)) is None
+    for changes in ({"policy": "randaugment"}, {"mixup": 0.2}, {"erasing": 0.5}):
+        assert "per-image augmentation policy" in cache_blocker(resolve(freeze="features", augment=still | changes))
+    assert "--sampler balanced" in cache_blocker(resolve(freeze="features", sampler="balanced", augment=still))

@@ -43,3 +43,22 @@ def test_bad_values_are_named():
         resolve(epochs=0)
     with pytest.raises(UsageError, match="recipe must be one of"):
         resolve("keras")
+
+
+def test_data_options_are_validated():
+    with pytest.raises(UsageError, match=r"class_weight must be one of \{none, auto\}\. Received: class_weight='yes'"):
+        resolve(class_weight="yes")
+    with pytest.raises(UsageError, match=r"sampler must be one of \{shuffle, balanced\}\. Received: sampler='bal'"):
+        resolve(sampler="bal")
+    with pytest.raises(UsageError, match=r"split and val both say which images validate\. .* pass one of them"):
+        resolve(split="split.csv", val="val/")
+    with pytest.raises(UsageError, match=r"augment must be one of \{none, basic, randaugment, trivialaugment\}"):
+        resolve(augment={"policy": "autoaugment"})
+    with pytest.raises(UsageError, match=r"mixup must be 0 \(off\) or a positive alpha\. Received: mixup=-1"):
+        resolve(augment={"mixup": -1.0})
+    with pytest.raises(UsageError, match=r"erasing must be a probability in \[0, 1\]\. Received: erasing=2"):
+        resolve(augment={"erasing": 2.0})
+    config = resolve(class_weight="auto", sampler="balanced", augment={"policy": "trivialaugment", "cutmix": 1.0})
+    assert (config.class_weight, config.sampler, config.augment.policy, config.augment.cutmix) == (
+        "auto", "balanced", "trivialaugment", 1.0,
+    )  # fmt: skip

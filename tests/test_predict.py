@@ -50,7 +50,7 @@ def test_batch_tensor_and_top_k_bounds(model_file: Path):
 def test_bad_inputs_are_named(model_file: Path, tmp_path: Path):
     classifier = vgg.load(model_file, device="cpu")
     (tmp_path / "fake.jpg").write_text("this is text")
-    with pytest.raises(UsageError, match=r"Cannot read image .*fake.jpg: not a decodable image"):
+    with pytest.raises(UsageError, match=r"Cannot read image .*fake.jpg: not an image \(its content is text\)"):
         classifier.predict(tmp_path / "fake.jpg")
     with pytest.raises(
         UsageError, match=r"Image tensors must be C x H x W with 1 or 3 channels. Received: \(4, 8, 8\)"

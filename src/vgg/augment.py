@@ -4,15 +4,24 @@ The tutorial's ImageDataGenerator options (rotation, width/height shift, zoom, s
 affine warp per image, so a batch is warped by one ``grid_sample`` call. This runs where the batch already is
 (the GPU, or the training process on CPU): on 2 cores, per-image transforms in loader workers would take the
 cores the model needs. torchvision's v2 transforms draw one set of parameters per call, i.e. per batch.
+
+The presets add torchvision's per-image policies (RandAugment, TrivialAugmentWide) and random erasing, run on
+uint8 images before batching (``image_transform``), and MixUp / CutMix, which mix whole batches and their labels
+(``batch_mixer``); the loss then takes soft targets.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .errors import UsageError
+
+POLICIES = ("none", "basic", "randaugment", "trivialaugment")
 
 
 @dataclass
@@ -27,6 +36,11 @@ class AugmentConfig:
         hflip: flip left-right with probability 1/2.
         vflip: flip upside down with probability 1/2.
         brightness: brightness factor drawn in [1 - brightness, 1 + brightness].
+        policy: ``none`` (no augmentation at all, whatever the options above), ``basic`` (the options above),
+            ``randaugment`` or ``trivialaugment`` (torchvision's per-image policy, then the options above).
+        mixup: MixUp's Beta(alpha, alpha) parameter; 0 is off.
+        cutmix: CutMix's Beta(alpha, alpha) parameter; 0 is off. With both on, each batch uses one of them.
+        erasing: probability of random erasing (a random rectangle set to black) per image; 0 is off.
     """
 
     rotation: float = 0.0
@@ -36,14 +50,69 @@ class AugmentConfig:
     hflip: bool = True
     vflip: bool = False
     brightness: float = 0.0
+    policy: str = "basic"
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    erasing: float = 0.0
+
+    def validate(self) -> AugmentConfig:
+        if self.policy not in POLICIES:
+            raise UsageError(f"augment must be one of {{{', '.join(POLICIES)}}}. Received: augment={self.policy!r}.")
+        for name in ("mixup", "cutmix"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} must be 0 (off) or a positive alpha. Received: {name}={getattr(self, name)}.")
+        if not 0 <= self.erasing <= 1:
+            raise UsageError(f"erasing must be a probability in [0, 1]. Received: erasing={self.erasing}.")
+        return self
 
     @property
     def geometric(self) -> bool:
-        return any((self.rotation, self.shift, self.zoom, self.shear))
+        return self.policy != "none" and any((self.rotation, self.shift, self.zoom, self.shear))
+
+    @property
+    def beyond_batch(self) -> bool:
+        """Whether a per-image policy, random erasing or MixUp/CutMix is on (the presets beyond ``basic``)."""
+        if self.policy == "none":
+            return False
+        return self.policy != "basic" or bool(self.erasing or self.mixup or self.cutmix)
 
     @property
     def enabled(self) -> bool:
+        if self.policy == "none":
+            return False
         return self.geometric or self.hflip or self.vflip or bool(self.brightness)
+
+
+def image_transform(config: AugmentConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The per-image part of ``config`` for uint8 3 x H x W tensors, or ``None`` when there is none."""
+    from torchvision.transforms import v2
+
+    steps: list[Callable] = []
+    if config.policy == "randaugment":
+        steps.append(v2.RandAugment())
+    elif config.policy == "trivialaugment":
+        steps.append(v2.TrivialAugmentWide())
+    if config.erasing and config.policy != "none":
+        steps.append(v2.RandomErasing(p=config.erasing, value=0))
+    return v2.Compose(steps) if steps else None
+
+
+def batch_mixer(
+    config: AugmentConfig, num_classes: int
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+    """MixUp and/or CutMix of a float batch and its labels, giving soft targets; ``None`` when both are off."""
+    from torchvision.transforms import v2
+
+    if config.policy == "none":
+        return None
+    mixers = []
+    if config.mixup:
+        mixers.append(v2.MixUp(alpha=config.mixup, num_classes=num_classes))
+    if config.cutmix:
+        mixers.append(v2.CutMix(alpha=config.cutmix, num_classes=num_classes))
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
 
 def _uniform(n: int, bound: float, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:

@@ -81,6 +81,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", help="auto (default: bf16 where native), fp32, bf16, fp16 (CUDA)")
     p.add_argument("--workers", type=int, help="image decoding processes; default: one per core, up to 8")
     p.add_argument("--cache", help="auto (default: decoded images kept in memory when they fit), ram, none")
+    p.add_argument("--split", help="reuse a split.csv (path,class,split) from an earlier run instead of splitting")
+    p.add_argument("--class-weight", help="none (default) or auto: loss weights inversely proportional to class size")
+    p.add_argument("--sampler", help="shuffle (default) or balanced: draw every class equally often")
     g = p.add_argument_group("augmentation (training images only)")
     g.add_argument("--rotation", type=float, help="max rotation in degrees; default 0")
     g.add_argument("--shift", type=float, help="max shift as a fraction of the side; default 0.125")
@@ -89,6 +92,12 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     g.add_argument("--brightness", type=float, help="brightness factor range [1-b, 1+b]; default 0")
     _bool_flag(g, "hflip", "random left-right flips (default on)")
     _bool_flag(g, "vflip", "random upside-down flips (default off)")
+    g.add_argument(
+        "--augment", dest="policy", help="none, basic (default: the options above), randaugment or trivialaugment"
+    )
+    g.add_argument("--mixup", type=float, help="MixUp alpha (e.g. 0.2); default 0 (off)")
+    g.add_argument("--cutmix", type=float, help="CutMix alpha (e.g. 1.0); default 0 (off)")
+    g.add_argument("--erasing", type=float, help="random erasing probability per image; default 0")
     _add_transfer_flags(p)
     p.set_defaults(run=_train)
 
@@ -102,13 +111,26 @@ def _add_transfer_flags(p: argparse.ArgumentParser) -> None:
     _bool_flag(g, "cache-features", "frozen features, no augmentation: compute features once (default on)")
 
 
-AUGMENT_FLAGS = ("rotation", "shift", "zoom", "shear", "brightness", "hflip", "vflip")
+AUGMENT_FLAGS = (
+    "rotation",
+    "shift",
+    "zoom",
+    "shear",
+    "brightness",
+    "hflip",
+    "vflip",
+    "policy",
+    "mixup",
+    "cutmix",
+    "erasing",
+)
 TRAIN_FLAGS = (
     "data", "val", "out", "arch", "image_size", "epochs", "batch_size", "optimizer", "lr", "momentum",
     "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "dropout", "patience", "monitor",
     "val_fraction", "max_per_class", "seed", "device", "precision", "workers", "cache", "nesterov", "step_size",
     "gamma", "plateau_patience", "clip_grad_norm", "accumulate", "min_delta", "restore_best", "deterministic",
-    "save_every_steps", "tensorboard",
+    "save_every_steps", "tensorboard", "split", "class_weight",
+    "sampler",
 )  # fmt: skip
 TRANSFER_FLAGS = ("weights", "freeze", "unfreeze_at", "backbone_lr_scale", "cache_features")
 
@@ -214,12 +236,28 @@ def _datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_doctor(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("doctor", help="check a dataset folder before training: counts, bad files, duplicates")
+    p.add_argument("data", help="dataset folder: DATA/<class>/<image>")
+    p.add_argument("--val", help="validation folder: also checked for images duplicated across train and val")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(run=_doctor)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from .doctor import examine, format_report
+
+    report = examine(args.data, args.val)
+    print(json.dumps(report, indent=2) if args.json else format_report(report), end="" if not args.json else "\n")
+    return 1 if report["problems"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vgg", description="Train, evaluate and use VGG image classifiers on folders of images.")
     parser.add_argument("--version", action="version", version=f"vgg {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_summary, _add_train, _add_predict, _add_evaluate, _add_datasets):
+    for add in (_add_summary, _add_train, _add_predict, _add_evaluate, _add_datasets, _add_doctor):
         add(commands)
     return parser
 

@@ -20,6 +20,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant", "step", "onecycle", "plateau")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FREEZE = ("none", "features")
+CLASS_WEIGHTS = ("none", "auto")
+SAMPLERS = ("shuffle", "balanced")
 
 
 @dataclass
@@ -74,6 +76,9 @@ class TrainConfig:
     unfreeze_at: int | None = None
     backbone_lr_scale: float = 1.0
     cache_features: bool = True
+    split: str | None = None
+    class_weight: str = "none"
+    sampler: str = "shuffle"
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> TrainConfig:
@@ -82,6 +87,14 @@ class TrainConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("cache", self.cache, ("auto", "ram", "none"))
+        _choice("class_weight", self.class_weight, CLASS_WEIGHTS)
+        _choice("sampler", self.sampler, SAMPLERS)
+        if self.split is not None and self.val is not None:
+            raise UsageError(
+                f"split and val both say which images validate. Received: split={self.split!r}, val={self.val!r}; "
+                "pass one of them."
+            )
+        self.augment.validate()
         for name in ("epochs", "batch_size", "image_size", "step_size", "accumulate"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be a positive integer. Received: {name}={getattr(self, name)}.")

@@ -1,23 +1,24 @@
-"""Image folders: scanning, checking, splitting, decoding and batching.
+"""Decoding images and batching them for training and evaluation.
 
-A dataset is a folder with one subfolder per class (``data/cat/*.jpg``, ``data/dog/*.jpg``); labels are the
-sorted folder names. Images are decoded once to ``image_size`` x ``image_size`` uint8 tensors (squashed, as the
-tutorial's ``target_size`` does) and either kept in memory, when they fit, or decoded again by loader workers.
-Augmentation happens on whole batches (see ``augment.py``), so both paths feed the model the same way.
+Scanning folders and splitting them is in ``scan.py`` (re-exported here). Images are decoded once to
+``image_size`` x ``image_size`` uint8 tensors (squashed, as the tutorial's ``target_size`` does) and either kept in
+memory, when they fit, or decoded again by loader workers. Batch augmentation happens where the batch is (see
+``augment.py``); per-image policies (RandAugment, random erasing) run in the loader or the training process.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
@@ -25,125 +26,28 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
 from .errors import UsageError
+from .scan import (  # noqa: F401  (re-exported: the data API predates the split into two modules)
+    IMAGE_EXTENSIONS,
+    ImageFolder,
+    Sample,
+    read_split,
+    scan_folder,
+    sniff,
+    stratified_split,
+    write_split,
+)
+from .scan import image_files as _image_files  # noqa: F401
 
 log = logging.getLogger(__name__)
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they remain the fastest decoders in our stack.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Images bigger than this are refused rather than decoded (decompression bombs); Pillow warns at 89 Mpx.
 MAX_PIXELS = 89_478_485
 # Decoded datasets up to this size stay in memory as uint8 (60,000 images at 32 px take 184 MB).
 RAM_CACHE_LIMIT = 4 * 1024**3
-
-
-@dataclass
-class Sample:
-    path: Path
-    label: int
-
-
-@dataclass
-class ImageFolder:
-    """The result of scanning a class-per-folder dataset."""
-
-    root: Path
-    classes: list[str]
-    samples: list[Sample]
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
-
-    def counts(self) -> dict[str, int]:
-        counter = Counter(s.label for s in self.samples)
-        return {name: counter.get(i, 0) for i, name in enumerate(self.classes)}
-
-
-def _visible(name: str) -> bool:
-    return not name.startswith(".") and name not in IGNORED_NAMES
-
-
-def _image_files(folder: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if _visible(d))
-        for name in sorted(filenames):
-            if _visible(name) and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                yield Path(dirpath) / name
-
-
-def scan_folder(root: str | Path, classes: Sequence[str] | None = None) -> ImageFolder:
-    """Index ``root/<class>/**/<image>``.
-
-    Args:
-        root: the dataset folder.
-        classes: the class names to expect (a validation folder must have the training classes); by default
-            the sorted names of the visible subfolders.
-
-    Raises:
-        UsageError: the folder is missing, has fewer than two classes, or a class has no images.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        what = "a file" if root.exists() else "nothing"
-        raise UsageError(
-            f"Data folder not found: {root} is {what}. Expected a folder with one subfolder per class: "
-            f"{root}/<class>/<image>."
-        )
-    entries = [e for e in os.scandir(root) if _visible(e.name)]
-    found = sorted(e.name for e in entries if e.is_dir())
-    if not found:
-        files = sum(1 for e in entries if e.is_file())
-        raise UsageError(
-            f"No class folders in {root}/: expected {root}/<class>/<image>. Found {files} files and 0 folders."
-        )
-    if classes is None:
-        if len(found) < 2:
-            raise UsageError(
-                f"Only one class in {root}/ ({found[0]!r}): expected at least 2 class folders, "
-                f"e.g. {root}/cat/ and {root}/dog/."
-            )
-        classes = found
-    else:
-        classes = list(classes)
-        if sorted(found) != sorted(classes):
-            missing = sorted(set(classes) - set(found))
-            extra = sorted(set(found) - set(classes))
-            raise UsageError(
-                f"Classes in {root}/ differ from the training classes: missing {missing}, unexpected {extra}."
-            )
-    samples = [Sample(path, label) for label, name in enumerate(classes) for path in _image_files(root / name)]
-    empty = [name for label, name in enumerate(classes) if not any(s.label == label for s in samples)]
-    if empty:
-        raise UsageError(
-            f"Class folder {root / empty[0]}/ has no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})."
-        )
-    return ImageFolder(root, list(classes), samples)
-
-
-def stratified_split(
-    folder: ImageFolder, val_fraction: float = 0.2, seed: int = 0
-) -> tuple[list[Sample], list[Sample]]:
-    """Split each class separately so train and validation keep the class proportions; seeded, reproducible."""
-    if not 0 < val_fraction < 1:
-        raise UsageError(f"val_fraction must be between 0 and 1. Received: {val_fraction}.")
-    rng = random.Random(seed)
-    train: list[Sample] = []
-    val: list[Sample] = []
-    for label, name in enumerate(folder.classes):
-        members = [s for s in folder.samples if s.label == label]
-        rng.shuffle(members)
-        n_val = round(len(members) * val_fraction)
-        if len(members) >= 2:
-            n_val = min(max(n_val, 1), len(members) - 1)
-        else:
-            raise UsageError(
-                f"Class {name!r} has only 1 image: a validation split needs at least 2 per class "
-                "(add images or pass --val VAL_DIR)."
-            )
-        val.extend(members[:n_val])
-        train.extend(members[n_val:])
-    return train, val
 
 
 def limit_per_class(samples: list[Sample], limit: int, seed: int = 0) -> list[Sample]:
@@ -160,53 +64,100 @@ def limit_per_class(samples: list[Sample], limit: int, seed: int = 0) -> list[Sa
     return sorted(out, key=lambda s: (s.label, str(s.path)))
 
 
-def _decode_pil(path: Path) -> torch.Tensor:
-    with Image.open(path) as im:
-        if im.width * im.height > MAX_PIXELS:
-            raise ValueError(f"image too large ({im.width}x{im.height} px, limit {MAX_PIXELS:,} px)")
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("P", "LA", "RGBA", "PA") or "transparency" in im.info:
-            im = im.convert("RGBA").convert("RGB")
-        im = im.convert("RGB")
-        return TF.pil_to_tensor(im)
+# Formats torchvision decodes natively (faster than Pillow); the rest (bmp, tiff, ppm) go through Pillow.
+NATIVE_FORMATS = {"jpeg", "png", "gif", "webp"}
+
+
+def _header(data: bytes, kind: str) -> tuple[int, int]:
+    """Width and height from the header alone, so a decompression bomb is refused before it is decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+        except Image.DecompressionBombError as error:
+            # Pillow refuses to even read the header past twice its own limit, which is our limit.
+            raise ValueError(f"image too large (over {2 * MAX_PIXELS:,} px, limit {MAX_PIXELS:,} px)") from error
+        except (OSError, ValueError, SyntaxError) as error:
+            reason = "truncated" if "truncat" in str(error).lower() else "corrupt"
+            raise ValueError(f"{reason} {kind} image ({error})") from error
+
+
+def _decode_pil(data: bytes) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as im:
+            im.seek(0)  # animated images: the first frame
+            im = ImageOps.exif_transpose(im)
+            if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+                # Pillow's own conversion clips 16-bit values at 255 (a white image); scale them instead.
+                pixels = np.asarray(im, dtype=np.float32)
+                pixels = pixels / 257 if im.mode.startswith("I;16") or pixels.max() > 255 else pixels
+                im = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+            if im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
+                im = im.convert("RGBA")
+            return TF.pil_to_tensor(im.convert("RGB"))
 
 
 def decode(path: str | Path, image_size: int | None = None) -> torch.Tensor:
     """Read an image file as a 3 x H x W uint8 RGB tensor, EXIF orientation applied, optionally squashed to a square.
 
-    torchvision's native decoders are tried first (faster); Pillow handles what they cannot (CMYK, 16-bit, ...).
+    The format is recognised by content. Grayscale, palette (with transparency), RGBA, CMYK and 16-bit images
+    become 8-bit RGB; an animated GIF gives its first frame. torchvision's native decoders are tried first
+    (faster); Pillow handles what they cannot.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not a decodable image, or is too large.
+        ValueError: the file is empty, not an image, truncated or corrupt, or over ``MAX_PIXELS`` pixels; the
+            message is the reason, as written to ``skipped.csv``.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Image not found: {path}. Expected an image file (jpg, png, ...).")
-    if path.stat().st_size == 0:
+    data = path.read_bytes()
+    if not data:
         raise ValueError("empty file (0 bytes)")
-    try:
-        image = decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-        if image.shape[-1] * image.shape[-2] > MAX_PIXELS:
-            raise ValueError(f"image too large ({image.shape[-1]}x{image.shape[-2]} px, limit {MAX_PIXELS:,} px)")
-    except (RuntimeError, ValueError) as native_error:
-        if "too large" in str(native_error):
-            raise
+    kind = sniff(data[:16])
+    if kind is None:
+        text = all(32 <= b < 127 or b in (9, 10, 13) for b in data[:64])
+        raise ValueError("not an image (its content is text)" if text else "not an image (unknown content)")
+    width, height = _header(data, kind)
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"image too large ({width}x{height} px, limit {MAX_PIXELS:,} px)")
+    image = None
+    if kind in NATIVE_FORMATS:
         try:
-            image = _decode_pil(path)
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            raise ValueError(f"not a decodable image ({error})") from error
+            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            image = decode_image(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        except RuntimeError:
+            image = None
+    if image is None:
+        try:
+            image = _decode_pil(data)
+        except (OSError, ValueError, SyntaxError) as error:
+            reason = "truncated" if "truncat" in str(error).lower() else "corrupt"
+            raise ValueError(f"{reason} {kind} image ({error})") from error
+    if image.ndim == 4:
+        image = image[0]
+    if image.dtype != torch.uint8:
+        image = TF.to_dtype(image, torch.uint8, scale=True)
     if image_size is not None and tuple(image.shape[-2:]) != (image_size, image_size):
         image = TF.resize(image, [image_size, image_size], antialias=True)
-    return image
+    return image.contiguous()
 
 
 class DecodedImages(Dataset):
     """Decodes samples on access; a bad file yields ``None`` with its reason instead of raising."""
 
-    def __init__(self, samples: Sequence[Sample], image_size: int) -> None:
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        image_size: int,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self.samples = list(samples)
         self.image_size = image_size
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -214,9 +165,12 @@ class DecodedImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str, str]:
         sample = self.samples[index]
         try:
-            return decode(sample.path, self.image_size), sample.label, str(sample.path), ""
+            image = decode(sample.path, self.image_size)
         except (OSError, ValueError) as error:
             return None, sample.label, str(sample.path), str(error)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, sample.label, str(sample.path), ""
 
 
 def _collate(items: list[tuple[torch.Tensor | None, int, str, str]]) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -226,6 +180,21 @@ def _collate(items: list[tuple[torch.Tensor | None, int, str, str]]) -> tuple[to
         return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), bad
     images = torch.stack([image for image, _ in good])
     return images, torch.tensor([label for _, label in good]), bad
+
+
+SAMPLERS = ("shuffle", "balanced")
+
+
+def balanced_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample weights inversely proportional to the size of the sample's class."""
+    counts = torch.bincount(labels).double()
+    return 1.0 / counts[labels]
+
+
+def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Loss weights inversely proportional to class frequency, averaging 1 over the samples (sklearn's "balanced")."""
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    return len(labels) / (num_classes * counts.clamp(min=1))
 
 
 def default_workers() -> int:
@@ -242,6 +211,12 @@ class Batches:
     draws the same order and takes every ``world_size``-th image of it, so the shards are disjoint and, with
     ``drop_last``, equally long (DDP needs every process to take the same number of steps).
     ``state_dict()`` / ``load_state_dict()`` save and restore where the shuffling stands, mid-epoch included.
+
+    Args:
+        transform: a per-image transform of uint8 3 x S x S tensors (RandAugment, random erasing), applied every
+            epoch: by the loader workers when streaming, in this process when the images are in memory.
+        sampler: ``shuffle`` (each image once per epoch) or ``balanced`` (images drawn with replacement with
+            probability inversely proportional to their class's size, so every class is seen equally often).
     """
 
     def __init__(
@@ -257,9 +232,15 @@ class Batches:
         pin_memory: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        sampler: str = "shuffle",
     ) -> None:
         if cache not in ("auto", "ram", "none"):
             raise UsageError(f"cache must be one of {{auto, ram, none}}. Received: cache={cache!r}.")
+        if sampler not in SAMPLERS:
+            raise UsageError(f"sampler must be one of {{{', '.join(SAMPLERS)}}}. Received: sampler={sampler!r}.")
+        self.transform = transform
+        self.sampler = sampler
         self.samples = list(samples)
         self.image_size = image_size
         self.batch_size = batch_size
@@ -280,9 +261,9 @@ class Batches:
         if cache == "ram" or (cache == "auto" and nbytes <= RAM_CACHE_LIMIT):
             self._decode_all()
 
-    def _loader(self, batches: list[list[int]]) -> DataLoader:
+    def _loader(self, batches: list[list[int]], transform: Callable | None = None) -> DataLoader:
         return DataLoader(
-            DecodedImages(self.samples, self.image_size),
+            DecodedImages(self.samples, self.image_size, transform),
             batch_sampler=batches,
             num_workers=self.workers,
             collate_fn=_collate,
@@ -339,10 +320,18 @@ class Batches:
         self.generator.set_state(state["generator"])
         self._resume_at = int(state["position"])
 
+    def _epoch_order(self) -> torch.Tensor:
+        n = self.num_images
+        if not self.shuffle:
+            return torch.arange(n)
+        if self.sampler == "balanced":
+            labels = self.labels if self.labels is not None else torch.tensor([s.label for s in self.samples])
+            return torch.multinomial(balanced_weights(labels), n, replacement=True, generator=self.generator)
+        return torch.randperm(n, generator=self.generator)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._epoch_state = self.generator.get_state()
-        n = self.num_images
-        order = self._shard(torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n))
+        order = self._shard(self._epoch_order())
         stop = len(order) - len(order) % self.batch_size if self._drops_last(len(order)) else len(order)
         starts = range(self._resume_at * self.batch_size, stop, self.batch_size)
         self.position, self._resume_at = self._resume_at, 0
@@ -350,11 +339,13 @@ class Batches:
             for start in starts:
                 index = order[start : start + self.batch_size]
                 images, labels = self.images[index], self.labels[index]
+                if self.transform is not None:
+                    images = torch.stack([self.transform(image) for image in images])
                 self.position += 1
                 yield (images.pin_memory(), labels.pin_memory()) if self.pin_memory else (images, labels)
         else:
             batches = [order[start : start + self.batch_size].tolist() for start in starts]
-            for images, labels, bad in self._loader(batches):
+            for images, labels, bad in self._loader(batches, self.transform):
                 self._record(bad)
                 self.position += 1
                 if len(labels):

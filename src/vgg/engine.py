@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .augment import AugmentConfig, augment_batch
+from .augment import AugmentConfig, augment_batch, batch_mixer
 from .config import TrainConfig
 from .data import Batches, normalize
 from .distributed import all_reduce_sum, gather, rank
@@ -103,13 +103,18 @@ def train_one_epoch(
     start: int = 0,
     totals: Totals | None = None,
     on_step: Callable[[Totals, int], None] | None = None,
+    mixer: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    class_weights: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One pass over ``batches`` (an iterable with a length), one optimizer step per ``accumulate`` batches.
 
     ``start`` batches of this epoch were done before a resume, and ``totals`` holds their sums.
     ``on_step(totals, batches_done)`` runs after every optimizer step: where mid-epoch checkpoints are taken.
+    ``mixer`` (MixUp/CutMix) turns labels into soft targets for the loss; ``class_weights`` weight it per class.
     """
     model.train()
+    if class_weights is not None:
+        class_weights = class_weights.to(step.device)
     totals = totals if totals is not None else Totals.zeros(step.device)
     n = len(batches)
     started, seen_before = time.perf_counter(), totals.seen
@@ -120,6 +125,9 @@ def train_one_epoch(
             continue
         inputs = step.inputs(images, augment)
         labels = labels.to(step.device, non_blocking=True)
+        targets = labels
+        if mixer is not None:
+            inputs, targets = mixer(inputs, labels)
         # The last group of an epoch may be short: average over the batches it really has.
         group = min(accumulate, n - i // accumulate * accumulate)
         boundary = (i + 1) % accumulate == 0 or i + 1 == n
@@ -128,7 +136,7 @@ def train_one_epoch(
         with sync:
             with autocast(step.device, step.precision):
                 logits = model(inputs)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+                loss = F.cross_entropy(logits.float(), targets, weight=class_weights, label_smoothing=label_smoothing)
             scaled = loss / group if group > 1 else loss
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         totals.loss_sum += loss.detach() * len(labels)
@@ -248,6 +256,7 @@ def fit(
     progress: bool = True,
     state: dict[str, Any] | None = None,
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    class_weights: torch.Tensor | None = None,
 ) -> FitResult:
     """Train for ``config.epochs`` epochs, evaluating after each.
 
@@ -263,6 +272,7 @@ def fit(
     schedule = make_schedule(optimizer, config, steps_per_epoch)
     scaler = torch.amp.GradScaler(step.device.type) if step.precision == "fp16" else None
     stopper = EarlyStopping(config.monitor, config.patience, config.min_delta)
+    mixer = batch_mixer(config.augment, num_classes)
     result = FitResult()
     first_epoch, global_step, resumed, best_weights = 1, 0, None, None
     if state is not None:
@@ -324,6 +334,8 @@ def fit(
             start=train_batches.state_dict()["position"] if resumed and isinstance(train_batches, Batches) else 0,
             totals=Totals.from_state(resumed["totals"], step.device) if resumed and rank() == 0 else None,
             on_step=on_step,
+            mixer=mixer,
+            class_weights=class_weights,
         )
         resumed = None
         val = evaluate(raw, val_batches, step, num_classes)

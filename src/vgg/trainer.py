@@ -17,9 +17,18 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
+from .augment import image_transform
 from .checkpoint import ModelInfo, atomic_write, save_model
 from .config import TrainConfig, to_dict
-from .data import Batches, limit_per_class, scan_folder, stratified_split
+from .data import (
+    Batches,
+    class_weights,
+    limit_per_class,
+    read_split,
+    scan_folder,
+    stratified_split,
+    write_split,
+)
 from .distributed import World, finish
 from .distributed import setup as setup_distributed
 from .engine import FitResult, Step, fit
@@ -48,6 +57,36 @@ class TrainResult:
 
 def _write_json(path: Path, data: dict) -> None:
     atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def _write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
+    """``skipped.csv`` (path, reason), written even when empty so that "no bad files" is visible too."""
+
+    def write(temp: str) -> None:
+        with open(temp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "reason"])
+            writer.writerows(skipped)
+
+    atomic_write(path, write)
+
+
+def imbalance_line(counts: dict[str, int], config: TrainConfig) -> str:
+    """One line on class balance: the largest/smallest ratio and what this run does about it."""
+    largest = max(counts, key=counts.__getitem__)
+    smallest = min(counts, key=counts.__getitem__)
+    ratio = counts[largest] / max(1, counts[smallest])
+    remedy = []
+    if config.class_weight == "auto":
+        remedy.append("class-weighted loss")
+    if config.sampler == "balanced":
+        remedy.append("balanced sampling")
+    line = f"imbalance: {ratio:.1f}x ({largest}: {counts[largest]}, {smallest}: {counts[smallest]})"
+    if remedy:
+        return line + "; using " + " and ".join(remedy)
+    if ratio >= 3:
+        return line + "; consider --class-weight auto or --sampler balanced"
+    return line
 
 
 def train(
@@ -111,9 +150,14 @@ def _train(
     torch.manual_seed(config.seed)
 
     folder = scan_folder(config.data)
+    skipped_early = list(folder.skipped)
     if config.val:
         train_samples = folder.samples
-        val_samples = scan_folder(config.val, classes=folder.classes).samples
+        val_folder = scan_folder(config.val, classes=folder.classes)
+        val_samples = val_folder.samples
+        skipped_early += val_folder.skipped
+    elif config.split:
+        train_samples, val_samples = read_split(config.split, folder.classes)
     else:
         train_samples, val_samples = stratified_split(folder, config.val_fraction, config.seed)
     if config.max_per_class:
@@ -136,6 +180,7 @@ def _train(
         train_samples, config.image_size, config.batch_size, shuffle=True, seed=config.seed,
         workers=config.workers, cache=config.cache, drop_last=True, pin_memory=pin,
         rank=world.rank, world_size=world.world_size,
+        transform=image_transform(config.augment), sampler=config.sampler,
     )  # fmt: skip
     val_batches = Batches(
         val_samples, config.image_size, max(config.batch_size, 128), shuffle=False,
@@ -149,8 +194,20 @@ def _train(
         torch.manual_seed(config.seed + world.rank)
     log(format_summary(config.arch, len(classes), config.image_size))
     counts = {name: sum(1 for s in train_samples if s.label == i) for i, name in enumerate(classes)}
+    if train_batches.in_memory:
+        # What decoded, not what was listed: a class whose every file failed to decode cannot be learned.
+        decoded = torch.bincount(train_batches.labels, minlength=len(classes)).tolist()
+        counts = dict(zip(classes, decoded, strict=True))
+    unusable = [name for name, n in counts.items() if n == 0]
+    if unusable:
+        raise UsageError(
+            f"Class {unusable[0]!r} has no usable training images: every file failed to decode (see the warnings "
+            f"above). Expected at least one readable image per class in {config.data}/{unusable[0]}/."
+        )
     log(
         f"classes: {len(classes)} ({', '.join(f'{n}: {c}' for n, c in counts.items())})\n"
+        + imbalance_line(counts, config)
+        + "\n"
         f"train: {len(train_samples)} images ({'in memory' if train_batches.in_memory else 'streamed'}), "
         f"validation: {len(val_samples)} images, device: {device}, precision: {precision}"
         + (f", {world.world_size} processes" if world.distributed else "")
@@ -159,6 +216,8 @@ def _train(
     run_dir = Path(config.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     if world.main:
+        write_split(run_dir / "split.csv", classes, train_samples, val_samples)
+        _write_skipped(run_dir / "skipped.csv", skipped_early + train_batches.skipped + val_batches.skipped)
         _write_json(
             run_dir / "config.json",
             {
@@ -222,6 +281,11 @@ def _train(
             save_state(run_dir, training_state)
 
     step = Step(device, precision, preprocessing.mean, preprocessing.std)
+    weights = None
+    if config.class_weight == "auto":
+        labels = torch.arange(len(classes)).repeat_interleave(torch.tensor(list(counts.values())))
+        weights = class_weights(labels, len(classes))
+        log("class weights: " + ", ".join(f"{n}: {w:.2f}" for n, w in zip(classes, weights.tolist(), strict=True)))
     # With a frozen backbone and no augmentation, fit the classifier alone on features computed once
     # (single process only: each process would otherwise fit its own classifier on its own shard).
     cached = (
@@ -235,18 +299,17 @@ def _train(
         if world.distributed:
             trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     result = fit(
-        trained, fit_train, fit_val, config, fit_step, len(classes), on_epoch_end, progress, state, on_checkpoint
-    )
+        trained, fit_train, fit_val, config, fit_step, len(classes), on_epoch_end, progress, state, on_checkpoint,
+        class_weights=weights,
+    )  # fmt: skip
     if writer is not None:
         writer.close()
     if result.stopped_early:
         log(f"stopped early: no {config.monitor} improvement in {config.patience} epochs")
-    skipped = train_batches.skipped + val_batches.skipped
-    if skipped and world.main:
-        with open(run_dir / "skipped.csv", "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "reason"])
-            writer.writerows(skipped)
+    skipped = skipped_early + train_batches.skipped + val_batches.skipped
+    if world.main:
+        _write_skipped(run_dir / "skipped.csv", skipped)
+    if skipped:
         log(f"skipped {len(skipped)} unreadable files, listed in {run_dir / 'skipped.csv'}")
     if result.best_value is not None:
         log(f"best {config.monitor} {result.best_value:.4f} at epoch {result.best_epoch}; model: {best_path}")

@@ -1,0 +1,340 @@
+"""Finding the images in a class-per-folder dataset, and the train/validation split that uses them.
+
+Files are recognised by their first bytes, not their names: a PNG saved as ``.jpg`` is used, a text file named
+``.jpg`` is a bad file with a reason, and ``notes.txt`` is ignored. Hidden files and folders and OS clutter
+(``.DS_Store``, ``__MACOSX``, ``Thumbs.db``) are never looked at. Big folders are indexed once and cached: the
+cache is keyed by the modification times of every folder, which change whenever a file is added, removed or
+renamed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import random
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UsageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini", "$RECYCLE.BIN", "System Volume Information"}
+# Folders with fewer files than this are indexed every time: reading 16 bytes of a few thousand files is faster
+# than proving a cache is still valid, and a cache would only go stale under the user's feet.
+CACHE_MIN_FILES = 2000
+INDEX_VERSION = 1
+
+
+def sniff(head: bytes) -> str | None:
+    """The image format named by a file's first bytes, or ``None`` when they are not an image's."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if head[:2] == b"BM" and len(head) >= 14:
+        return "bmp"
+    if len(head) >= 3 and head[0:1] == b"P" and head[1:2] in b"123456" and head[2:3] in b" \t\r\n":
+        return "pnm"
+    return None
+
+
+def classify(path: str | Path) -> tuple[str, str]:
+    """``("image", format)``, ``("bad", reason)`` for a file named as an image that is not one, or ``("other", "")``."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError as error:
+        return "bad", f"unreadable ({error.strerror or error})"
+    kind = sniff(head)
+    if kind is not None:
+        return "image", kind
+    if Path(path).suffix.lower() not in IMAGE_EXTENSIONS:
+        return "other", ""
+    if not head:
+        return "bad", "empty file (0 bytes)"
+    text = all(32 <= b < 127 or b in (9, 10, 13) for b in head)
+    return "bad", "not an image (its content is text)" if text else "not an image (unknown content)"
+
+
+def visible(name: str) -> bool:
+    return not name.startswith(".") and name not in IGNORED_NAMES
+
+
+def walk(folder: Path) -> Iterator[tuple[str, list[str]]]:
+    """Visible folders under ``folder`` (sorted, the folder itself first) with their visible files."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if visible(d))
+        yield dirpath, sorted(f for f in filenames if visible(f))
+
+
+def image_files(folder: str | Path) -> Iterator[Path]:
+    """Every image under ``folder``, nested folders included, recognised by content."""
+    for dirpath, names in walk(Path(folder)):
+        for name in names:
+            path = Path(dirpath) / name
+            if classify(path)[0] == "image":
+                yield path
+
+
+@dataclass
+class Index:
+    """Every visible file of a dataset folder, sorted, as ``(path relative to root, kind, detail)``."""
+
+    root: Path
+    files: list[tuple[str, str, str]]
+    folders: dict[str, int] = field(default_factory=dict)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("VGG_CACHE_DIR") or Path.home() / ".cache" / "vgg") / "index"
+
+
+def _cache_file(root: Path) -> Path:
+    return _cache_dir() / (hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:20] + ".json")
+
+
+def _load_cached(root: Path) -> Index | None:
+    try:
+        data = json.loads(_cache_file(root).read_text())
+        if data.get("version") != INDEX_VERSION or data.get("root") != str(root.resolve()):
+            return None
+        for folder, mtime in data["folders"].items():
+            if os.stat(root / folder).st_mtime_ns != mtime:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return Index(root, [tuple(row) for row in data["files"]], data["folders"])
+
+
+def _save_cached(index: Index) -> None:
+    from .checkpoint import atomic_write
+
+    data = {
+        "version": INDEX_VERSION,
+        "root": str(index.root.resolve()),
+        "folders": index.folders,
+        "files": index.files,
+    }
+    path = _cache_file(index.root)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(data)))
+    except OSError as error:  # a read-only home must not stop training
+        log.warning("could not write the index cache %s: %s", path, error)
+
+
+def index_folder(root: str | Path, cache: bool = True, cache_min_files: int = CACHE_MIN_FILES) -> Index:
+    """Index every visible file under ``root``, reusing the cached index while no folder has changed."""
+    root = Path(root)
+    if cache:
+        cached = _load_cached(root)
+        if cached is not None:
+            log.info("index of %s read from cache %s", root, _cache_file(root))
+            return cached
+    files: list[tuple[str, str, str]] = []
+    folders: dict[str, int] = {}
+    for dirpath, names in walk(root):
+        relative = os.path.relpath(dirpath, root)
+        folders[relative] = os.stat(dirpath).st_mtime_ns
+        for name in names:
+            kind, detail = classify(os.path.join(dirpath, name))
+            files.append((os.path.normpath(os.path.join(relative, name)), kind, detail))
+    index = Index(root, files, folders)
+    if cache and len(files) >= cache_min_files:
+        _save_cached(index)
+    return index
+
+
+@dataclass
+class Sample:
+    path: Path
+    label: int
+
+
+@dataclass
+class ImageFolder:
+    """The result of scanning a class-per-folder dataset.
+
+    Attributes:
+        skipped: files named as images whose content is not a usable image, with the reason.
+        ignored: other files (notes, metadata) that are not images and were left out.
+    """
+
+    root: Path
+    classes: list[str]
+    samples: list[Sample]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        counter = Counter(s.label for s in self.samples)
+        return {name: counter.get(i, 0) for i, name in enumerate(self.classes)}
+
+
+def class_folders(root: Path) -> list[str]:
+    """The visible first-level folders of ``root``; errors when ``root`` is not a dataset folder."""
+    if not root.is_dir():
+        what = "a file" if root.exists() else "nothing"
+        raise UsageError(
+            f"Data folder not found: {root} is {what}. Expected a folder with one subfolder per class: "
+            f"{root}/<class>/<image>."
+        )
+    entries = [e for e in os.scandir(root) if visible(e.name)]
+    found = sorted(e.name for e in entries if e.is_dir())
+    if not found:
+        files = sum(1 for e in entries if e.is_file())
+        raise UsageError(
+            f"No class folders in {root}/: expected {root}/<class>/<image>. Found {files} files and 0 folders."
+        )
+    return found
+
+
+def scan_folder(root: str | Path, classes: Sequence[str] | None = None, cache: bool = True) -> ImageFolder:
+    """Index ``root/<class>/**/<image>``.
+
+    Args:
+        root: the dataset folder.
+        classes: the class names to expect (a validation folder must have the training classes); by default
+            the sorted names of the visible subfolders.
+        cache: reuse (and write) the cached index of a big folder.
+
+    Raises:
+        UsageError: the folder is missing, has fewer than two classes, or a class has no usable images.
+    """
+    root = Path(root)
+    found = class_folders(root)
+    if classes is None:
+        if len(found) < 2:
+            raise UsageError(
+                f"Only one class in {root}/ ({found[0]!r}): expected at least 2 class folders, "
+                f"e.g. {root}/cat/ and {root}/dog/."
+            )
+        classes = found
+    else:
+        classes = list(classes)
+        if sorted(found) != sorted(classes):
+            missing = sorted(set(classes) - set(found))
+            extra = sorted(set(found) - set(classes))
+            raise UsageError(
+                f"Classes in {root}/ differ from the training classes: missing {missing}, unexpected {extra}."
+            )
+    label_of = {name: i for i, name in enumerate(classes)}
+    folder = ImageFolder(root, list(classes), [])
+    for relative, kind, detail in index_folder(root, cache).files:
+        top = relative.split(os.sep, 1)[0]
+        if top == relative or top not in label_of:  # files at the top level belong to no class
+            continue
+        if kind == "image":
+            folder.samples.append(Sample(root / relative, label_of[top]))
+        elif kind == "bad":
+            folder.skipped.append((str(root / relative), detail))
+        else:
+            folder.ignored.append(str(root / relative))
+    folder.samples.sort(key=lambda s: (s.label, str(s.path)))
+    counts = folder.counts()
+    for name in classes:
+        if counts[name] == 0:
+            bad = sum(1 for path, _ in folder.skipped if Path(path).is_relative_to(root / name))
+            other = sum(1 for path in folder.ignored if Path(path).is_relative_to(root / name))
+            raise UsageError(
+                f"Class folder {root / name}/ has no images: expected jpg, png, gif, webp, bmp, tiff or ppm files. "
+                f"Found {bad} bad image files and {other} other files; add images or remove the folder."
+            )
+    for path, reason in folder.skipped:
+        log.warning("skipping %s: %s", path, reason)
+    return folder
+
+
+def stratified_split(
+    folder: ImageFolder, val_fraction: float = 0.2, seed: int = 0
+) -> tuple[list[Sample], list[Sample]]:
+    """Split each class separately so train and validation keep the class proportions; seeded, reproducible."""
+    if not 0 < val_fraction < 1:
+        raise UsageError(f"val_fraction must be between 0 and 1. Received: {val_fraction}.")
+    rng = random.Random(seed)
+    train: list[Sample] = []
+    val: list[Sample] = []
+    for label, name in enumerate(folder.classes):
+        members = [s for s in folder.samples if s.label == label]
+        rng.shuffle(members)
+        n_val = round(len(members) * val_fraction)
+        if len(members) >= 2:
+            n_val = min(max(n_val, 1), len(members) - 1)
+        else:
+            raise UsageError(
+                f"Class {name!r} has only 1 image: a validation split needs at least 2 per class "
+                "(add images or pass --val VAL_DIR)."
+            )
+        val.extend(members[:n_val])
+        train.extend(members[n_val:])
+    return train, val
+
+
+def write_split(path: str | Path, classes: Sequence[str], train: Sequence[Sample], val: Sequence[Sample]) -> None:
+    """Write the split manifest: one row per image (path, class, split), readable by ``read_split``."""
+    from .checkpoint import atomic_write
+
+    def write(temp: str) -> None:
+        with open(temp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "class", "split"])
+            for split, samples in (("train", train), ("val", val)):
+                writer.writerows([str(s.path), classes[s.label], split] for s in samples)
+
+    atomic_write(Path(path), write)
+
+
+def read_split(path: str | Path, classes: Sequence[str]) -> tuple[list[Sample], list[Sample]]:
+    """Read a split manifest written by a previous run; its classes must be ``classes``.
+
+    Raises:
+        UsageError: the file is missing or malformed, names other classes, or lists files that are gone.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(
+            f"Split file not found: {path}. Expected a split.csv written by `vgg train` (path,class,split)."
+        )
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or not {"path", "class", "split"} <= set(reader.fieldnames):
+            raise UsageError(
+                f"Split file {path} must have the columns path,class,split. Received: {reader.fieldnames}."
+            )
+        rows = list(reader)
+    label_of = {name: i for i, name in enumerate(classes)}
+    named = {row["class"] for row in rows}
+    if named != set(classes):
+        raise UsageError(
+            f"Classes in split file {path} differ from the data's classes: missing {sorted(set(classes) - named)}, "
+            f"unexpected {sorted(named - set(classes))}."
+        )
+    splits = {row["split"] for row in rows} - {"train", "val"}
+    if splits:
+        raise UsageError(f"Split file {path}: split must be train or val. Received: {sorted(splits)}.")
+    gone = [row["path"] for row in rows if not Path(row["path"]).is_file()]
+    if gone:
+        raise UsageError(
+            f"Split file {path} lists {len(gone)} files that do not exist (first: {gone[0]}); "
+            "run from the folder the split was made in, or make a new split."
+        )
+    train = [Sample(Path(r["path"]), label_of[r["class"]]) for r in rows if r["split"] == "train"]
+    val = [Sample(Path(r["path"]), label_of[r["class"]]) for r in rows if r["split"] == "val"]
+    if not train or not val:
+        raise UsageError(
+            f"Split file {path} must list both train and val images. Received: {len(train)} train, {len(val)} val."
+        )
+    return train, val
