@@ -61,6 +61,7 @@ def test_train_prints_summary_and_epoch_metrics(two_class_dir: Path, tmp_path: P
     assert code == 0
     assert "Total params:" in out
     assert "epoch 1/1: loss" in out and "val_accuracy" in out and "img/s" in out
+    assert "classes are balanced (10 images each)" in out
 
 
 def test_early_stopping_with_patience(two_class_dir: Path, tmp_path: Path, capsys):

@@ -81,6 +81,8 @@ def imbalance_line(counts: dict[str, int], config: TrainConfig) -> str:
         remedy.append("class-weighted loss")
     if config.sampler == "balanced":
         remedy.append("balanced sampling")
+    if counts[largest] == counts[smallest]:
+        return f"classes are balanced ({counts[largest]} images each)"
     line = f"imbalance: {ratio:.1f}x ({largest}: {counts[largest]}, {smallest}: {counts[smallest]})"
     if remedy:
         return line + "; using " + " and ".join(remedy)
