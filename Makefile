@@ -9,7 +9,7 @@ RUN := runs/demo
 FASHION_MNIST_DEB := /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?= --arch vgg16 --image-size 32 --epochs 4 --max-per-class 1000 --batch-size 64
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo bench accuracy lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ demo: setup $(DATA)/.complete
 
 bench: setup
 	$(BIN)/python benchmarks/bench_speed.py
+
+# Long (about an hour per 10 epochs on 2 CPU cores); run it again after an interruption to resume.
+ACCURACY_ARGS ?= --arch vgg16 --epochs 15 -- --batch-size 128
+accuracy: setup $(DATA)/.complete
+	$(BIN)/python benchmarks/accuracy.py $(ACCURACY_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

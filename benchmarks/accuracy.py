@@ -1,7 +1,8 @@
 """Accuracy on real data: train on Fashion-MNIST with `vgg`'s recipe, evaluate on the official test set.
 
-Appends a row to RESULTS.md: commit, arch, recipe, epochs, wall time, time to 0.94 validation accuracy, machine,
-test accuracy and per-class accuracy; writes the confusion matrix to RUN_DIR/confusion.csv.
+Appends a row to RESULTS.md: commit, arch, recipe, epochs, training time, time to 0.94 validation accuracy,
+machine, test accuracy and per-class accuracy; writes the confusion matrix to RUN_DIR/confusion.csv. Run it again
+after an interruption and it resumes the run in RUN_DIR.
 
 Usage: python benchmarks/accuracy.py [--arch vgg16] [--recipe default] [--epochs 15] [--out runs/accuracy-vgg16]
        [-- extra `vgg train` flags]
@@ -13,15 +14,16 @@ import argparse
 import csv
 import datetime
 import sys
-import time
 from pathlib import Path
 
-from bench_speed import RESULTS, commit, machine
+from bench_speed import RESULTS, append_to_section, commit, machine
 
 from vgg.cli import build_parser, train_config
 from vgg.datasets import fashion_mnist
 from vgg.predict import load
 from vgg.trainer import train
+
+ACCURACY_SECTION = "Accuracy on Fashion-MNIST (`make accuracy`)"
 
 
 def time_to(history: list[dict[str, float]], target: float) -> float | None:
@@ -49,16 +51,21 @@ def main() -> int:
     out = args.out or f"runs/accuracy-{args.arch}-{args.recipe}"
     data = fashion_mnist(args.data)
 
-    argv = [
-        "train", str(data / "train"), "--out", out, "--recipe", args.recipe, "--arch", args.arch,
-        "--epochs", str(args.epochs), "--image-size", str(args.image_size),
-        "--val-fraction", str(args.val_fraction), "--patience", "0",
-        *[a for a in extra if a != "--"],
-    ]  # fmt: skip
-    config = train_config(build_parser().parse_args(argv))
-    start = time.perf_counter()
-    result = train(config, log=print, progress=sys.stderr.isatty())
-    wall = time.perf_counter() - start
+    if (Path(out) / "state.pt").is_file():
+        # An interrupted run continues where it stopped (same settings, from its config.json).
+        argv = ["train", "--resume", out, "--epochs", str(args.epochs)]
+    else:
+        argv = [
+            "train", str(data / "train"), "--out", out, "--recipe", args.recipe, "--arch", args.arch,
+            "--epochs", str(args.epochs), "--image-size", str(args.image_size),
+            "--val-fraction", str(args.val_fraction), "--patience", "0",
+            *[a for a in extra if a != "--"],
+        ]  # fmt: skip
+    parsed = build_parser().parse_args(argv)
+    config = train_config(parsed)
+    result = train(config, log=print, progress=sys.stderr.isatty(), resume=bool(parsed.resume))
+    # Training time summed over epochs, so a resumed run counts each epoch once.
+    wall = sum(row["seconds"] for row in result.history)
     classifier = load(result.best_model)
     test = classifier.evaluate(data / "test", batch_size=256)
     with open(Path(out) / "confusion.csv", "w", newline="") as handle:
@@ -77,8 +84,7 @@ def main() -> int:
     print(f"test accuracy {test['accuracy']:.4f} (best epoch {result.fit.best_epoch}); confusion: {out}/confusion.csv")
     print(row)
     if not args.no_append:
-        with open(RESULTS, "a") as handle:
-            handle.write(row + "\n")
+        append_to_section(RESULTS, ACCURACY_SECTION, row)
     return 0
 
 
