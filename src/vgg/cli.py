@@ -21,6 +21,15 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', received {text!r}") from None
+
+
 def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
     parser.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, help=help)
 
@@ -52,7 +61,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", help="vgg11, vgg13, vgg16, vgg19 or their _bn variants; default vgg16")
     p.add_argument("--image-size", type=int, help="images are resized to this square side; default 224")
     p.add_argument("--epochs", type=int, help="maximum number of epochs; default 30")
-    p.add_argument("--batch-size", type=int, help="default 64")
+    p.add_argument(
+        "--batch-size", type=_batch_size, help="images per step, or auto (the largest that fits); default 64"
+    )
     p.add_argument("--optimizer", help="adamw (default), adam or sgd")
     p.add_argument("--lr", type=float, help="peak learning rate; default 2e-4")
     p.add_argument("--momentum", type=float, help="SGD momentum (Nesterov); default 0.9")

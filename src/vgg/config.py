@@ -41,7 +41,7 @@ class TrainConfig:
     arch: str = "vgg16"
     image_size: int = 224
     epochs: int = 30
-    batch_size: int = 64
+    batch_size: int | str = 64  # or "auto": the largest that fits (autobatch.py), resolved when training starts
     optimizer: str = "adamw"
     lr: float = 2e-4
     momentum: float = 0.9
@@ -95,7 +95,11 @@ class TrainConfig:
                 "pass one of them."
             )
         self.augment.validate()
-        for name in ("epochs", "batch_size", "image_size", "step_size", "accumulate"):
+        if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise UsageError(
+                f"batch_size must be a positive integer or 'auto'. Received: batch_size={self.batch_size!r}."
+            )
+        for name in ("epochs", "image_size", "step_size", "accumulate"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be a positive integer. Received: {name}={getattr(self, name)}.")
         if self.lr <= 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import platform
 import sys
@@ -18,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
 from .augment import image_transform
+from .autobatch import find_batch_size
 from .checkpoint import ModelInfo, atomic_write, save_model
 from .config import TrainConfig, to_dict
 from .data import (
@@ -177,6 +179,14 @@ def _train(
     # Weights are read before the images are decoded: a missing weights file should not cost a decoding pass.
     model = build(config.arch, num_classes=len(classes), image_size=config.image_size, dropout=config.dropout)
     preprocessing = prepare(model, config, classes, log)
+    if config.batch_size == "auto":
+        config = dataclasses.replace(
+            config,
+            batch_size=find_batch_size(
+                model.to(memory_format=torch.channels_last), config.image_size, device, precision, len(train_samples)
+            ),
+        )
+        log(f"batch size: {config.batch_size} (auto: the largest power of two that fits)")
     pin = device.type == "cuda"
     train_batches = Batches(
         train_samples, config.image_size, config.batch_size, shuffle=True, seed=config.seed,
