@@ -139,3 +139,11 @@ def test_bad_input_is_one_clear_line_and_exit_2(argv, message, tmp_path, two_cla
     assert code == 2
     assert len(err.strip().splitlines()) == 1, err
     assert re.search(message, err), err
+
+
+def test_compiled_training_writes_ordinary_model_files(two_class_dir: Path, tmp_path: Path, capsys):
+    out = tmp_path / "compiled"
+    code, _, _ = run(capsys, "train", two_class_dir, "--out", out, "--epochs", "1", "--compile", *TINY)
+    assert code == 0
+    code, printed, _ = run(capsys, "predict", out / "best.safetensors", two_class_dir / "cat", "--json")
+    assert code == 0 and len(json.loads(printed)) == 12

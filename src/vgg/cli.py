@@ -87,6 +87,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed for the split, initialisation and shuffling; default 0")
     _bool_flag(p, "deterministic", "deterministic kernels only (torch.use_deterministic_algorithms); default off")
     p.add_argument("--save-every-steps", type=int, help="also save state.pt every N steps, for mid-epoch resume")
+    _bool_flag(p, "compile", "compile the model with torch.compile (slow first step; faster steps on GPUs)")
     _bool_flag(p, "tensorboard", "write TensorBoard event files to RUN_DIR/tensorboard (needs vgg[tensorboard])")
     p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--precision", help="auto (default: bf16 where native), fp32, bf16, fp16 (CUDA)")
@@ -140,7 +141,7 @@ TRAIN_FLAGS = (
     "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "dropout", "patience", "monitor",
     "val_fraction", "max_per_class", "seed", "device", "precision", "workers", "cache", "nesterov", "step_size",
     "gamma", "plateau_patience", "clip_grad_norm", "accumulate", "min_delta", "restore_best", "deterministic",
-    "save_every_steps", "tensorboard", "split", "class_weight",
+    "save_every_steps", "tensorboard", "compile", "split", "class_weight",
     "sampler",
 )  # fmt: skip
 TRANSFER_FLAGS = ("weights", "freeze", "unfreeze_at", "backbone_lr_scale", "cache_features")

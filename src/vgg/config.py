@@ -66,6 +66,7 @@ class TrainConfig:
     deterministic: bool = False
     save_every_steps: int = 0
     tensorboard: bool = False
+    compile: bool = False
     device: str = "auto"
     precision: str = "auto"
     workers: int | None = None

@@ -201,6 +201,9 @@ def _train(
     )  # fmt: skip
 
     model = model.to(device, memory_format=torch.channels_last)
+    if config.compile:
+        # In place: the parameter names (and so the model files and training state) stay those of the module.
+        model.compile()
     if world.distributed:
         # DDP copies rank 0's initial weights to every process; the other streams (dropout, augmentation) differ.
         torch.manual_seed(config.seed + world.rank)
