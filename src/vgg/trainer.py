@@ -108,6 +108,7 @@ def train(
     if not world.main:
         log, progress = (lambda _: None), False
     was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_benchmark = torch.backends.cudnn.benchmark
     try:
         result = _train(config, log, progress, state, device, world)
     except BaseException:
@@ -115,6 +116,7 @@ def train(
         raise
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+        torch.backends.cudnn.benchmark = was_benchmark
     finish(world)
     return result
 
@@ -150,6 +152,9 @@ def _train(
         # Ops with no deterministic kernel (a few CUDA backward passes) warn rather than stop a long run.
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        # Input shapes are fixed for the whole run, so cuDNN's one-off search for the fastest kernels pays back.
+        torch.backends.cudnn.benchmark = True
     writer = _tensorboard(config, state) if world.main else None
     torch.manual_seed(config.seed)
 
