@@ -118,3 +118,14 @@ def write_messy_dataset(root: Path, per_class: int = 8) -> Path:
         Image.new("RGB", (8, 8)).save(hidden / "x.png")
     (cat / "._cat_000.jpg").write_bytes(b"\x00\x05\x16\x07AppleDouble")
     return root
+
+
+def small_run(root: Path, epochs: int, *extra: str) -> Path:
+    """Train vgg11 at 32 px on two small colour classes with the CLI; returns the run folder."""
+    from vgg.cli import main
+
+    data = write_images(root / "data", {k: COLOURS[k] for k in ("cat", "dog")}, per_class=12)
+    out = root / "run"
+    argv = ["train", str(data), "--out", str(out), "--epochs", str(epochs), "--arch", "vgg11", "--image-size", "32"]
+    assert main([*argv, "--batch-size", "8", "--workers", "0", *extra]) == 0
+    return out

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import COLOURS, write_images
+from conftest import small_run
 from test_datasets import fake_fashion_mnist
 
 from vgg.cli import main
@@ -25,11 +25,7 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """One small training run shared by the tests that read its outputs."""
-    root = tmp_path_factory.mktemp("trained")
-    data = write_images(root / "data", {k: COLOURS[k] for k in ("cat", "dog")}, per_class=12)
-    out = root / "run"
-    assert main(["train", str(data), "--out", str(out), "--epochs", "2", *TINY]) == 0
-    return out
+    return small_run(tmp_path_factory.mktemp("trained"), epochs=2)
 
 
 def test_summary_prints_keras_style_table_and_totals(capsys):

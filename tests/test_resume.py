@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import COLOURS, write_images
+from conftest import COLOURS, small_run, write_images
 from safetensors.torch import load_file
 from torch import nn
 
@@ -140,11 +140,7 @@ def test_resume_from_any_checkpoint_replays_the_same_run(two_class_dir: Path, sc
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     """A one-epoch run; tests that change it work on a copy."""
-    root = tmp_path_factory.mktemp("finished")
-    data = write_images(root / "data", {k: COLOURS[k] for k in ("cat", "dog")}, per_class=12)
-    out = root / "run"
-    assert main(["train", str(data), "--out", str(out), "--epochs", "1", *TINY]) == 0
-    return out
+    return small_run(tmp_path_factory.mktemp("finished"), 1, "--batch-size", "4", "--device", "cpu")
 
 
 def test_resume_a_finished_run_with_more_epochs(finished_run: Path, tmp_path: Path, capsys):
