@@ -36,7 +36,6 @@ from .scan import (  # noqa: F401  (re-exported: the data API predates the split
     stratified_split,
     write_split,
 )
-from .scan import image_files as _image_files  # noqa: F401
 
 log = logging.getLogger(__name__)
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they remain the fastest decoders in our stack.

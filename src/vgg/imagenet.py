@@ -22,11 +22,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import ModelInfo
-from .data import _collate, _image_files, decode, default_workers
+from .data import _collate, decode, default_workers
 from .errors import UsageError, did_you_mean
 from .models import build, check_arch
 from .predict import Classifier, fit_to_model
 from .runtime import autocast
+from .scan import image_files
 from .transfer import imagenet_state_dict
 
 PREFIX = "imagenet:"
@@ -43,7 +44,7 @@ class ImageNetClassifier(Classifier):
     def evaluate(self, folder: str | Path, batch_size: int = 64, workers: int | None = None) -> dict:
         """Loss, top-1 and top-5 accuracy and per-class top-1 accuracy on an ImageNet-style folder."""
         labels, naming = folder_labels(folder, self.class_names)
-        samples = [(path, index) for name, index in labels.items() for path in _image_files(Path(folder) / name)]
+        samples = [(path, index) for name, index in labels.items() for path in image_files(Path(folder) / name)]
         if not samples:
             raise UsageError(f"No images in the class folders of {folder}/: expected {folder}/<class>/<image>.")
         loader = DataLoader(

@@ -12,10 +12,11 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from .checkpoint import ModelInfo, load_model
-from .data import Batches, _image_files, decode, scan_folder
+from .data import Batches, decode, scan_folder
 from .engine import Step, evaluate
 from .errors import UsageError
 from .runtime import autocast, pick_device, pick_precision
+from .scan import image_files
 
 
 @dataclass
@@ -152,7 +153,7 @@ def expand_images(paths: Sequence[str | Path]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = list(_image_files(p))
+            found = list(image_files(p))
             if not found:
                 raise UsageError(f"No images in folder {p}/: expected image files (jpg, png, ...).")
             out.extend(found)
