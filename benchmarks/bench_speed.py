@@ -238,9 +238,19 @@ def main() -> int:
             folder = scan_folder(image_folder(Path(tmp), size, per_class))
             batches = Batches(folder.samples, size, batch, shuffle=True, cache="none", drop_last=True)
             real = vgg_train_rate(args.arch, size, batches, device, precision)
+            if gpu:  # the loader workers only read the files; nvJPEG decodes each batch (vgg/jpeg.py)
+                batches = Batches(
+                    folder.samples, size, batch, shuffle=True, cache="none", drop_last=True, decode_device=device
+                )
+                on_gpu = vgg_train_rate(args.arch, size, batches, device, precision)
         rows += [
             (f"{size} px b{batch}", "vgg train (synthetic)", train, train / ceiling_train),
             (f"{size} px b{batch}", "vgg train (jpeg folder)", real, real / ceiling_train),
+        ]
+        if gpu:
+            case = (f"{size} px b{batch}", "vgg train (jpeg folder, decoded on GPU)")
+            rows.append((*case, on_gpu, on_gpu / ceiling_train))
+        rows += [
             (f"{size} px b{batch}", "plain fp32 NCHW train", base_train, base_train / ceiling_train),
             (f"{size} px b{batch}", "vgg inference", infer, infer / ceiling_infer),
             (f"{size} px b{batch}", "plain fp32 NCHW inference", base_infer, base_infer / ceiling_infer),

@@ -93,6 +93,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", help="auto (default: bf16 where native), fp32, bf16, fp16 (CUDA)")
     p.add_argument("--workers", type=int, help="image decoding processes; default: one per core, up to 8")
     p.add_argument("--cache", help="auto (default: decoded images kept in memory when they fit), ram, none")
+    p.add_argument(
+        "--decode", help="where JPEGs are decoded: auto (default: on the GPU when training on CUDA), workers, device"
+    )
     p.add_argument("--split", help="reuse a split.csv (path,class,split) from an earlier run instead of splitting")
     p.add_argument("--class-weight", help="none (default) or auto: loss weights inversely proportional to class size")
     p.add_argument("--sampler", help="shuffle (default) or balanced: draw every class equally often")
@@ -139,10 +142,9 @@ AUGMENT_FLAGS = (
 TRAIN_FLAGS = (
     "data", "val", "out", "arch", "image_size", "epochs", "batch_size", "optimizer", "lr", "momentum",
     "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "dropout", "patience", "monitor",
-    "val_fraction", "max_per_class", "seed", "device", "precision", "workers", "cache", "nesterov", "step_size",
-    "gamma", "plateau_patience", "clip_grad_norm", "accumulate", "min_delta", "restore_best", "deterministic",
-    "save_every_steps", "tensorboard", "compile", "split", "class_weight",
-    "sampler",
+    "val_fraction", "max_per_class", "seed", "device", "precision", "workers", "cache", "decode", "nesterov",
+    "step_size", "gamma", "plateau_patience", "clip_grad_norm", "accumulate", "min_delta", "restore_best",
+    "deterministic", "save_every_steps", "tensorboard", "compile", "split", "class_weight", "sampler",
 )  # fmt: skip
 TRANSFER_FLAGS = ("weights", "freeze", "unfreeze_at", "backbone_lr_scale", "cache_features")
 

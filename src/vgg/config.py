@@ -22,6 +22,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FREEZE = ("none", "features")
 CLASS_WEIGHTS = ("none", "auto")
 SAMPLERS = ("shuffle", "balanced")
+DECODE = ("auto", "workers", "device")
 
 
 @dataclass
@@ -71,6 +72,9 @@ class TrainConfig:
     precision: str = "auto"
     workers: int | None = None
     cache: str = "auto"
+    # JPEG decoding: "auto" = on the accelerator (nvJPEG) when training on CUDA from streamed images, else in the
+    # loader workers; "device" forces the batch decoder (jpeg.py), "workers" the workers.
+    decode: str = "auto"
     # transfer learning (transfer.py): weights to start from, frozen backbone, its learning rate, cached features
     weights: str | None = None
     freeze: str = "none"
@@ -88,6 +92,7 @@ class TrainConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("cache", self.cache, ("auto", "ram", "none"))
+        _choice("decode", self.decode, DECODE)
         _choice("class_weight", self.class_weight, CLASS_WEIGHTS)
         _choice("sampler", self.sampler, SAMPLERS)
         if self.split is not None and self.val is not None:

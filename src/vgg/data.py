@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
+from . import jpeg
 from .errors import UsageError
 from .scan import (  # noqa: F401  (re-exported: the data API predates the split into two modules)
     IMAGE_EXTENSIONS,
@@ -113,7 +114,11 @@ def decode(path: str | Path, image_size: int | None = None) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Image not found: {path}. Expected an image file (jpg, png, ...).")
-    data = path.read_bytes()
+    return decode_bytes(path.read_bytes(), image_size)
+
+
+def decode_bytes(data: bytes, image_size: int | None = None) -> torch.Tensor:
+    """``decode`` for an image file's content already in memory."""
     if not data:
         raise ValueError("empty file (0 bytes)")
     kind = sniff(data[:16])
@@ -146,17 +151,22 @@ def decode(path: str | Path, image_size: int | None = None) -> torch.Tensor:
 
 
 class DecodedImages(Dataset):
-    """Decodes samples on access; a bad file yields ``None`` with its reason instead of raising."""
+    """Decodes samples on access; a bad file yields ``None`` with its reason instead of raising.
+
+    With ``jpeg_bytes``, plain JPEGs are only read (``jpeg.Encoded``), to be decoded a batch at a time elsewhere.
+    """
 
     def __init__(
         self,
         samples: Sequence[Sample],
         image_size: int,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        jpeg_bytes: bool = False,
     ) -> None:
         self.samples = list(samples)
         self.image_size = image_size
         self.transform = transform
+        self.jpeg_bytes = jpeg_bytes
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -164,10 +174,10 @@ class DecodedImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str, str]:
         sample = self.samples[index]
         try:
-            image = decode(sample.path, self.image_size)
+            image = jpeg.read(sample.path, self.image_size) if self.jpeg_bytes else decode(sample.path, self.image_size)
         except (OSError, ValueError) as error:
             return None, sample.label, str(sample.path), str(error)
-        if self.transform is not None:
+        if self.transform is not None and isinstance(image, torch.Tensor):
             image = self.transform(image)
         return image, sample.label, str(sample.path), ""
 
@@ -179,6 +189,14 @@ def _collate(items: list[tuple[torch.Tensor | None, int, str, str]]) -> tuple[to
         return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), bad
     images = torch.stack([image for image, _ in good])
     return images, torch.tensor([label for _, label in good]), bad
+
+
+def _collate_mixed(items: list) -> tuple[list, torch.Tensor, list, list[str]]:
+    """Like ``_collate``, but images stay a list: decoded tensors and ``jpeg.Encoded`` bytes, with their paths."""
+    good = [(image, label, path) for image, label, path, _ in items if image is not None]
+    bad = [(path, reason) for image, _, path, reason in items if image is None]
+    labels = torch.tensor([label for _, label, _ in good], dtype=torch.long)
+    return [image for image, _, _ in good], labels, bad, [path for _, _, path in good]
 
 
 SAMPLERS = ("shuffle", "balanced")
@@ -216,6 +234,9 @@ class Batches:
             epoch: by the loader workers when streaming, in this process when the images are in memory.
         sampler: ``shuffle`` (each image once per epoch) or ``balanced`` (images drawn with replacement with
             probability inversely proportional to their class's size, so every class is seen equally often).
+        decode_device: when streaming without a per-image transform, the loader workers only read plain JPEGs and
+            they are decoded a batch at a time on this device (nvJPEG on CUDA; ``jpeg.py``), so batches arrive
+            there already decoded. ``None``: workers decode everything.
     """
 
     def __init__(
@@ -233,6 +254,7 @@ class Batches:
         world_size: int = 1,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         sampler: str = "shuffle",
+        decode_device: torch.device | str | None = None,
     ) -> None:
         if cache not in ("auto", "ram", "none"):
             raise UsageError(f"cache must be one of {{auto, ram, none}}. Received: cache={cache!r}.")
@@ -240,6 +262,8 @@ class Batches:
             raise UsageError(f"sampler must be one of {{{', '.join(SAMPLERS)}}}. Received: sampler={sampler!r}.")
         self.transform = transform
         self.sampler = sampler
+        # Per-image transforms need decoded images in the workers, so they keep host decoding.
+        self.decode_device = torch.device(decode_device) if decode_device is not None and transform is None else None
         self.samples = list(samples)
         self.image_size = image_size
         self.batch_size = batch_size
@@ -260,12 +284,12 @@ class Batches:
         if cache == "ram" or (cache == "auto" and nbytes <= RAM_CACHE_LIMIT):
             self._decode_all()
 
-    def _loader(self, batches: list[list[int]], transform: Callable | None = None) -> DataLoader:
+    def _loader(self, batches: list[list[int]], transform: Callable | None = None, raw: bool = False) -> DataLoader:
         return DataLoader(
-            DecodedImages(self.samples, self.image_size, transform),
+            DecodedImages(self.samples, self.image_size, transform, jpeg_bytes=raw),
             batch_sampler=batches,
             num_workers=self.workers,
-            collate_fn=_collate,
+            collate_fn=_collate_mixed if raw else _collate,
             generator=self.generator,
             pin_memory=self.pin_memory,
             persistent_workers=False,
@@ -344,8 +368,12 @@ class Batches:
                 yield (images.pin_memory(), labels.pin_memory()) if self.pin_memory else (images, labels)
         else:
             batches = [order[start : start + self.batch_size].tolist() for start in starts]
-            for images, labels, bad in self._loader(batches, self.transform):
+            raw = self.decode_device is not None
+            for images, labels, bad, *paths in self._loader(batches, self.transform, raw=raw):
                 self._record(bad)
+                if raw:
+                    images, labels, bad = jpeg.assemble(images, labels, paths[0], self.image_size, self.decode_device)
+                    self._record(bad)
                 self.position += 1
                 if len(labels):
                     yield images, labels

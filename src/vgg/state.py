@@ -24,7 +24,8 @@ FORMAT = "vgg.state/1"
 # Settings a resumed run may change: where and how fast it runs, and how far it goes. Everything else defines
 # the model or the optimisation, and changing it would not be the same run.
 RESUMABLE = (
-    "data", "val", "epochs", "patience", "device", "workers", "cache", "save_every_steps", "tensorboard", "compile",
+    "data", "val", "epochs", "patience", "device", "workers", "cache", "decode", "save_every_steps", "tensorboard",
+    "compile",
 )  # fmt: skip
 
 

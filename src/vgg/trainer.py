@@ -193,16 +193,17 @@ def _train(
         )
         log(f"batch size: {config.batch_size} (auto: the largest power of two that fits)")
     pin = device.type == "cuda"
+    decode_device = device if config.decode == "device" or (config.decode == "auto" and device.type == "cuda") else None
     train_batches = Batches(
         train_samples, config.image_size, config.batch_size, shuffle=True, seed=config.seed,
         workers=config.workers, cache=config.cache, drop_last=True, pin_memory=pin,
         rank=world.rank, world_size=world.world_size,
-        transform=image_transform(config.augment), sampler=config.sampler,
+        transform=image_transform(config.augment), sampler=config.sampler, decode_device=decode_device,
     )  # fmt: skip
     val_batches = Batches(
         val_samples, config.image_size, max(config.batch_size, 128), shuffle=False,
         workers=config.workers, cache=config.cache, pin_memory=pin,
-        rank=world.rank, world_size=world.world_size,
+        rank=world.rank, world_size=world.world_size, decode_device=decode_device,
     )  # fmt: skip
 
     model = model.to(device, memory_format=torch.channels_last)
