@@ -44,7 +44,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_speed.py
 
 # Long (about an hour per 10 epochs on 2 CPU cores); run it again after an interruption to resume.
-ACCURACY_ARGS ?= --arch vgg16 --epochs 15 -- --batch-size 128
+ACCURACY_ARGS ?= --arch vgg16_bn --epochs 15 -- --batch-size 128
 accuracy: setup $(DATA)/.complete
 	$(BIN)/python benchmarks/accuracy.py $(ACCURACY_ARGS)
 
