@@ -9,7 +9,7 @@ RUN := runs/demo
 FASHION_MNIST_DEB := /usr/share/datasets/fashion-mnist
 DEMO_ARGS ?= --arch vgg16 --image-size 32 --epochs 4 --max-per-class 1000 --batch-size 64
 
-.PHONY: setup test demo bench accuracy lint clean
+.PHONY: setup test demo bench bench-keras accuracy lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,8 +40,19 @@ demo: setup $(DATA)/.complete
 		$(DATA)/test/sneaker/00009.png $(DATA)/test/bag/00018.png --top-k 2
 	@echo "curves: $(RUN)/curves.png   history: $(RUN)/history.csv   model: $(RUN)/best.safetensors"
 
+# make bench-keras adds the tutorial's Keras model (TensorFlow, in its own .venv-keras) to the table; make bench
+# includes it whenever that environment exists.
+KERAS_VENV := .venv-keras
 bench: setup
-	$(BIN)/python benchmarks/bench_speed.py
+	KERAS_PYTHON=$$([ -x $(KERAS_VENV)/bin/python ] && echo $(KERAS_VENV)/bin/python) \
+		$(BIN)/python benchmarks/bench_speed.py
+
+$(KERAS_VENV)/.installed:
+	$(PYTHON) -m venv $(KERAS_VENV)
+	$(KERAS_VENV)/bin/pip install -q --disable-pip-version-check keras tensorflow-cpu
+	touch $@
+
+bench-keras: $(KERAS_VENV)/.installed bench
 
 # Long (about an hour per 10 epochs on 2 CPU cores); run it again after an interruption to resume.
 ACCURACY_ARGS ?= --arch vgg16_bn --epochs 15 -- --batch-size 128
@@ -49,4 +60,4 @@ accuracy: setup $(DATA)/.complete
 	$(BIN)/python benchmarks/accuracy.py $(ACCURACY_ARGS)
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(KERAS_VENV) runs

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
+import json
 import os
 import platform
 import resource
@@ -34,7 +36,7 @@ from vgg.config import TrainConfig
 from vgg.data import Batches, scan_folder
 from vgg.engine import Step, make_optimizer, make_schedule, train_one_epoch
 from vgg.models import build
-from vgg.runtime import autocast, pick_precision
+from vgg.runtime import autocast, cpu_has_bf16, pick_precision
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SPEED_SECTION = "Speed (`make bench`)"
@@ -172,6 +174,19 @@ def plain_rates(arch: str, size: int, batch: int, steps: int, device: torch.devi
     return train, batch * steps / (time.perf_counter() - start)
 
 
+def keras_rates(size: int, batch: int, steps: int) -> dict | None:
+    """The tutorial's Keras model (keras_vgg16.py) in its own interpreter: KERAS_PYTHON, or this one if it has Keras."""
+    python = os.environ.get("KERAS_PYTHON") or (sys.executable if importlib.util.find_spec("keras") else None)
+    if not python:
+        return None
+    script = Path(__file__).with_name("keras_vgg16.py")
+    run = subprocess.run([python, str(script), str(size), str(batch), str(steps)], capture_output=True, text=True)
+    if run.returncode != 0:
+        print(f"Keras {size} px: failed: {(run.stderr.strip().splitlines() or ['no output'])[-1]}", file=sys.stderr)
+        return None
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def image_folder(root: Path, size: int, per_class: int) -> Path:
     rng = np.random.default_rng(0)
     for c in range(10):
@@ -191,6 +206,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    # The same model name covers CPUs with and without native bf16 (2x apart here), so say which this is.
+    name += " (native bf16)" if cpu_has_bf16() else " (no native bf16: fp32)"
     if torch.cuda.is_available():
         name = f"{torch.cuda.get_device_name()} (host: {name})"
     return f"{name}, {os.cpu_count()} cores"
@@ -215,7 +232,7 @@ def main() -> int:
     precision = pick_precision("auto", device)
     # Each training measurement lasts about this long, whatever the machine: a 2-core CPU without bf16 trains
     # VGG16 at 224 px 4x slower than one with it, and a GPU hundreds of times faster.
-    seconds = 5.0 if args.quick else 12.0
+    seconds = 5.0 if args.quick else 20.0
     gpu = device.type == "cuda"
     cases = [(32, 512 if gpu else 128), (224, 256 if gpu else 8)]
 
@@ -234,7 +251,7 @@ def main() -> int:
         ceiling_infer = best_limit / gflop
         train = vgg_train_rate(args.arch, size, Synthetic(batch, size, steps), device, precision)
         infer = vgg_infer_rate(args.arch, size, batch, steps, device, precision)
-        base_train, base_infer = plain_rates(args.arch, size, batch, max(2, steps // 2), device)
+        base_train, base_infer = plain_rates(args.arch, size, batch, steps, device)
         with tempfile.TemporaryDirectory() as tmp:
             per_class = max(2, batch * min(steps, 30) // 10)  # writing the files is the slow part on a GPU host
             folder = scan_folder(image_folder(Path(tmp), size, per_class))
@@ -252,6 +269,13 @@ def main() -> int:
         if gpu:
             case = (f"{size} px b{batch}", "vgg train (jpeg folder, decoded on GPU)")
             rows.append((*case, on_gpu, on_gpu / ceiling_train))
+        keras = keras_rates(size, batch, max(2, steps // 2))
+        if keras:
+            name = f"Keras {keras['keras']} ({keras['backend']}) tutorial model"
+            rows += [
+                (f"{size} px b{batch}", f"{name} train", keras["train"], keras["train"] / ceiling_train),
+                (f"{size} px b{batch}", f"{name} inference", keras["infer"], keras["infer"] / ceiling_infer),
+            ]
         rows += [
             (f"{size} px b{batch}", "plain fp32 NCHW train", base_train, base_train / ceiling_train),
             (f"{size} px b{batch}", "vgg inference", infer, infer / ceiling_infer),

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError, did_you_mean
@@ -46,13 +47,40 @@ def pooled_size(image_size: int) -> int:
     return min(7, image_size // 32)
 
 
+class Conv3x3(nn.Conv2d):
+    """``nn.Conv2d(in, out, 3, padding=1)`` (same parameters and names) that trains tiny maps faster.
+
+    When training in fp32 on the CPU on a map of at most 2x2 px (VGG's last block at 32-63 px), the layer is
+    computed as one matrix product of the unfolded input, whose backward is two more. Measured on a 2-core Zen 3
+    (benchmarks/conv_layers.py, batch 128): oneDNN's backward of those three layers runs at ~34 GFLOP/s against
+    ~110 for the larger maps, a quarter of the whole step; as matrix products each layer's forward + backward takes
+    111 ms instead of 223 ms. At 4x4 px and above oneDNN is faster, so everything else stays with it. Results
+    equal oneDNN's up to float rounding.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, height, width = x.shape
+        if not (
+            height * width <= 4
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+            and self.bias is not None
+        ):
+            return super().forward(x)
+        columns = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(n * height * width, -1)
+        out = torch.addmm(self.bias, columns, self.weight.reshape(self.out_channels, -1).t())
+        return out.view(n, height, width, self.out_channels).permute(0, 3, 1, 2)
+
+
 def make_features(config: list[int | str], batch_norm: bool, in_channels: int = 3) -> nn.Sequential:
     layers: list[nn.Module] = []
     for item in config:
         if item == "M":
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             continue
-        layers.append(nn.Conv2d(in_channels, int(item), kernel_size=3, padding=1))
+        layers.append(Conv3x3(in_channels, int(item), kernel_size=3, padding=1))
         if batch_norm:
             layers.append(nn.BatchNorm2d(int(item)))
         layers.append(nn.ReLU(inplace=True))
