@@ -83,3 +83,13 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path: Path, monkeypatch):
         UsageError, match=r"--tensorboard needs the tensorboard package.*pip install 'vgg\[tensorboard\]'"
     ):
         _tensorboard(TrainConfig(out=str(tmp_path), tensorboard=True), None)
+
+
+def test_training_layout_is_nchw_only_for_fp32_cpu_training_at_large_sizes():
+    from vgg.runtime import training_channels_last
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert training_channels_last(cpu, "fp32", 32)
+    assert not training_channels_last(cpu, "fp32", 224)
+    assert training_channels_last(cpu, "bf16", 224)
+    assert training_channels_last(cuda, "fp32", 224)

@@ -55,3 +55,14 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
+
+
+def training_channels_last(device: torch.device, precision: str, image_size: int) -> bool:
+    """Whether training keeps activations channels-last (NHWC) or in PyTorch's default NCHW layout.
+
+    Channels-last is faster wherever it was measured except fp32 training on a CPU at large sizes. On a 2-core
+    Zen 3 without native bf16 (benchmarks/bench_speed.py, 2026-11-28), VGG16 fp32 training ran at 0.7 img/s
+    channels-last against 0.9-1.0 NCHW at 224 px, but 49-56 against 41-49 at 32 px; only those two sizes were
+    measured, so the switch sits between them. bf16, fp16 and CUDA stay channels-last (their fast kernels want it).
+    """
+    return device.type != "cpu" or precision != "fp32" or image_size < 128

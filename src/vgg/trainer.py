@@ -37,7 +37,7 @@ from .engine import FitResult, Step, fit
 from .errors import UsageError
 from .models import build, check_arch
 from .report import format_summary, plot_curves, write_history
-from .runtime import pick_device, pick_precision
+from .runtime import pick_device, pick_precision, training_channels_last
 from .state import load_state, save_state
 from .transfer import cached_fit_inputs, maybe_unfreeze, prepare
 
@@ -206,7 +206,8 @@ def _train(
         rank=world.rank, world_size=world.world_size, decode_device=decode_device,
     )  # fmt: skip
 
-    model = model.to(device, memory_format=torch.channels_last)
+    channels_last = training_channels_last(device, precision, config.image_size)
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if config.compile:
         # In place: the parameter names (and so the model files and training state) stay those of the module.
         model.compile()
@@ -301,7 +302,7 @@ def _train(
         if world.main:
             save_state(run_dir, training_state)
 
-    step = Step(device, precision, preprocessing.mean, preprocessing.std)
+    step = Step(device, precision, preprocessing.mean, preprocessing.std, channels_last=channels_last)
     weights = None
     if config.class_weight == "auto":
         labels = torch.arange(len(classes)).repeat_interleave(torch.tensor(list(counts.values())))
