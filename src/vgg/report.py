@@ -35,7 +35,9 @@ def layer_table(arch: str, num_classes: int, image_size: int) -> tuple[list[Laye
     def record(name: str):
         def hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
             params = sum(p.numel() for p in module.parameters(recurse=False))
-            rows.append(LayerRow(name, type(module).__name__, tuple(output.shape[1:]), params))
+            # The torch layer a module is (models.Conv3x3 is an nn.Conv2d), as users know it from torchvision.
+            kind = next(c.__name__ for c in type(module).__mro__ if c.__module__.startswith("torch.nn"))
+            rows.append(LayerRow(name, kind, tuple(output.shape[1:]), params))
 
         return hook
 
