@@ -65,6 +65,7 @@ class Conv3x3(nn.Conv2d):
             and x.device.type == "cpu"
             and x.dtype == torch.float32
             and torch.is_grad_enabled()
+            and (self.weight.requires_grad or x.requires_grad)  # a backward pass will follow: the slow part
             and not torch.is_autocast_enabled("cpu")
             and self.bias is not None
         ):
