@@ -177,7 +177,7 @@ class DecodedImages(Dataset):
             image = jpeg.read(sample.path, self.image_size) if self.jpeg_bytes else decode(sample.path, self.image_size)
         except (OSError, ValueError) as error:
             return None, sample.label, str(sample.path), str(error)
-        if self.transform is not None and isinstance(image, torch.Tensor):
+        if self.transform is not None:  # never with jpeg_bytes: Batches keeps those apart
             image = self.transform(image)
         return image, sample.label, str(sample.path), ""
 

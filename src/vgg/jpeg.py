@@ -41,13 +41,15 @@ def read(path: str | Path, image_size: int) -> Encoded | torch.Tensor:
     Raises:
         FileNotFoundError, ValueError: as ``data.decode`` does, for the same files and with the same reasons.
     """
-    from .data import MAX_PIXELS, decode
+    from .data import MAX_PIXELS, decode, decode_bytes
     from .scan import sniff
 
     path = Path(path)
-    data = path.read_bytes() if path.is_file() else b""
+    if not path.is_file():
+        return decode(path, image_size)  # decode's own "not found" error
+    data = path.read_bytes()
     if sniff(data[:16]) != "jpeg":
-        return decode(path, image_size)  # missing, empty, not an image, or another format: decode's own answer
+        return decode_bytes(data, image_size)  # empty, not an image, or another format: decode's own answer
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -56,9 +58,9 @@ def read(path: str | Path, image_size: int) -> Encoded | torch.Tensor:
                 mode = im.mode
                 orientation = int(im.getexif().get(ORIENTATION_TAG, 1))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            return decode(path, image_size)
+            return decode_bytes(data, image_size)
     if mode not in ("RGB", "L") or width * height > MAX_PIXELS or not 1 <= orientation <= 8:
-        return decode(path, image_size)
+        return decode_bytes(data, image_size)
     return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8), orientation)
 
 

@@ -53,9 +53,9 @@ class Conv3x3(nn.Conv2d):
     When training in fp32 on the CPU on a map of at most 2x2 px (VGG's last block at 32-63 px), the layer is
     computed as one matrix product of the unfolded input, whose backward is two more. Measured on a 2-core Zen 3
     (benchmarks/conv_layers.py, batch 128): oneDNN's backward of those three layers runs at ~34 GFLOP/s against
-    ~110 for the larger maps, a quarter of the whole step; as matrix products each layer's forward + backward takes
-    111 ms instead of 223 ms. At 4x4 px and above oneDNN is faster, so everything else stays with it. Results
-    equal oneDNN's up to float rounding.
+    ~110 for the larger maps, a quarter of all 13 convolutions' time; as matrix products each layer's forward +
+    backward takes 111 ms instead of 223 ms. At 4x4 px and above oneDNN is faster, so everything else stays with
+    it. Results equal oneDNN's up to float rounding.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
