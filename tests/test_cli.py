@@ -11,6 +11,7 @@ import pytest
 from conftest import small_run
 from test_datasets import fake_fashion_mnist
 
+import vgg
 from vgg.cli import main
 
 TINY = ["--arch", "vgg11", "--image-size", "32", "--batch-size", "8", "--workers", "0"]
@@ -94,6 +95,20 @@ def test_evaluate_reports_loss_accuracy_and_per_class(trained: Path, two_class_d
     assert sum(map(sum, result["confusion"])) == 24
     code, out, _ = run(capsys, "evaluate", trained / "best.safetensors", two_class_dir)
     assert code == 0 and "accuracy" in out and "cat" in out and "dog" in out
+
+
+def test_tta_flag_reaches_evaluate_and_predict(trained: Path, two_class_dir: Path, capsys):
+    model = trained / "best.safetensors"
+    code, out, _ = run(capsys, "evaluate", model, two_class_dir, "--tta", "--json")
+    assert code == 0
+    expected = vgg.load(model, device="cpu", tta=True).evaluate(two_class_dir)
+    assert json.loads(out)["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    image = two_class_dir / "cat" / "cat_000.jpg"
+    code, out, _ = run(capsys, "predict", model, image, "--tta", "--json", "--top-k", "2")
+    assert code == 0
+    probability = {t["label"]: t["probability"] for t in json.loads(out)[0]["top_k"]}
+    expected = vgg.load(model, device="cpu", tta=True).probabilities([image])[0]
+    assert [probability["cat"], probability["dog"]] == pytest.approx(expected.tolist(), abs=1e-5)
 
 
 def test_datasets_fashion_mnist_from_idx_files(tmp_path: Path, capsys):

@@ -76,3 +76,28 @@ def test_trained_model_predicts_its_classes(three_class_dir: Path, tmp_path: Pat
     result = vgg.train(config, log=lambda _: None, progress=False)
     classifier = vgg.load(result.best_model, device="cpu")
     assert classifier.evaluate(three_class_dir)["accuracy"] >= 0.9
+
+
+def test_tta_averages_the_image_and_its_mirror_image(model_file: Path):
+    plain = vgg.load(model_file, device="cpu", precision="fp32")
+    tta = vgg.load(model_file, device="cpu", precision="fp32", tta=True)
+    images = torch.rand(4, 3, 32, 32)
+    expected = (plain.probabilities(images) + plain.probabilities(images.flip(3))) / 2
+    averaged = tta.probabilities(images)
+    torch.testing.assert_close(averaged, expected, atol=1e-6, rtol=1e-4)
+    assert not torch.allclose(averaged, plain.probabilities(images), atol=1e-7, rtol=0)
+    # A left-right symmetric image is its own mirror image: nothing to average.
+    symmetric = torch.cat([images[:, :, :, :16], images[:, :, :, :16].flip(3)], dim=3)
+    torch.testing.assert_close(tta.probabilities(symmetric), plain.probabilities(symmetric), atol=1e-6, rtol=1e-4)
+
+
+def test_evaluate_with_tta_scores_the_averaged_probabilities(model_file: Path, three_class_dir: Path):
+    classifier = vgg.load(model_file, device="cpu", precision="fp32", tta=True)
+    result = classifier.evaluate(three_class_dir)
+    paths = [path for name in classifier.class_names for path in sorted((three_class_dir / name).iterdir())]
+    probs = classifier.probabilities(paths)
+    truth = torch.arange(3).repeat_interleave(10)
+    confusion = torch.bincount(truth * 3 + probs.argmax(1), minlength=9).view(3, 3)
+    assert result["confusion"] == confusion.tolist()
+    nll = -probs[torch.arange(30), truth].log().mean().item()
+    assert result["loss"] == pytest.approx(nll, rel=1e-4)

@@ -188,6 +188,12 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=1, help="show the k most likely classes; default 1")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="also classify each image mirrored left-right and average the two (twice the compute; only where "
+        "mirroring keeps the class)",
+    )
     p.set_defaults(run=_predict)
 
 
@@ -195,7 +201,7 @@ def _predict(args: argparse.Namespace) -> int:
     from .predict import expand_images, load
 
     paths = expand_images(args.images)
-    classifier = load(args.model, device=args.device)
+    classifier = load(args.model, device=args.device, tta=args.tta)
     predictions = classifier.predict(paths, top_k=args.top_k)
     if args.json:
         print(json.dumps([p.as_dict() for p in predictions], indent=2))
@@ -213,6 +219,12 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="also classify each image mirrored left-right and average the two (twice the compute; only where "
+        "mirroring keeps the class)",
+    )
     p.set_defaults(run=_evaluate)
 
 
@@ -220,7 +232,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .predict import load
     from .report import format_evaluation
 
-    classifier = load(args.model, device=args.device)
+    classifier = load(args.model, device=args.device, tta=args.tta)
     result = classifier.evaluate(args.data, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(result, indent=2))

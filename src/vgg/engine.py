@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Sized
 from contextlib import nullcontext
@@ -32,6 +33,9 @@ class Step:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     channels_last: bool = True
+    # Test-time augmentation for evaluation and prediction: also classify each image mirrored left-right and
+    # average the two probability vectors. Right only where mirroring keeps the class (clothes, not text).
+    tta: bool = False
 
     def inputs(self, images: torch.Tensor, augment: AugmentConfig | None = None) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
@@ -41,6 +45,19 @@ class Step:
             images = augment_batch(images, augment)
         images = normalize(images, self.mean, self.std)
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def log_probabilities(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Float32 class log-probabilities of a batch, averaged over the mirror image too when ``tta`` is on.
+
+        Being normalised, they can stand in for logits: cross-entropy, argmax and softmax give the same answers.
+        """
+        inputs = self.inputs(images)
+        with autocast(self.device, self.precision):
+            log_p = model(inputs).float().log_softmax(1)
+            if not self.tta:
+                return log_p
+            mirrored = model(inputs.flip(3)).float().log_softmax(1)
+        return torch.logaddexp(log_p, mirrored) - math.log(2)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -190,8 +207,7 @@ def evaluate(
         if len(labels) == 0:
             continue
         labels = labels.to(step.device)
-        with autocast(step.device, step.precision):
-            logits = model(step.inputs(images)).float()
+        logits = step.log_probabilities(model, images)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
         confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2).view(
             num_classes, num_classes

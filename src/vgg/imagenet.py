@@ -26,7 +26,6 @@ from .data import _collate, decode, default_workers
 from .errors import UsageError, did_you_mean
 from .models import build, check_arch
 from .predict import Classifier, fit_to_model
-from .runtime import autocast
 from .scan import image_files
 from .transfer import imagenet_state_dict
 
@@ -62,8 +61,7 @@ class ImageNetClassifier(Classifier):
                 skipped.extend({"path": p, "reason": r} for p, r in bad)
                 if len(targets) == 0:
                     continue
-                with autocast(self.device, self.step.precision):
-                    logits = self.model(self.step.inputs(images)).float().cpu()
+                logits = self.step.log_probabilities(self.model, images).cpu()
                 loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
                 top5 = logits.topk(min(5, n), dim=1).indices
                 seen += torch.bincount(targets, minlength=n)
@@ -133,7 +131,7 @@ def folder_labels(folder: str | Path, categories: list[str]) -> tuple[dict[str, 
     return out, "name"
 
 
-def load_imagenet(spec: str, device: str = "auto", precision: str = "auto") -> ImageNetClassifier:
+def load_imagenet(spec: str, device: str = "auto", precision: str = "auto", tta: bool = False) -> ImageNetClassifier:
     """``imagenet:ARCH``: torchvision's ImageNet weights for ARCH with their categories and preprocessing."""
     arch = check_arch(spec[len(PREFIX) :])
     state, weights = imagenet_state_dict(arch, progress=True)
@@ -160,7 +158,7 @@ def load_imagenet(spec: str, device: str = "auto", precision: str = "auto") -> I
             "published": weights.meta.get("_metrics", {}).get("ImageNet-1K"),
         },
     )
-    return ImageNetClassifier(model.eval(), info, device, precision)
+    return ImageNetClassifier(model.eval(), info, device, precision, tta)
 
 
 def format_imagenet_evaluation(result: dict) -> str:

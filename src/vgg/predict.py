@@ -15,7 +15,7 @@ from .checkpoint import ModelInfo, load_model
 from .data import Batches, decode, scan_folder
 from .engine import Step, evaluate
 from .errors import UsageError
-from .runtime import autocast, pick_device, pick_precision
+from .runtime import pick_device, pick_precision
 from .scan import image_files
 
 
@@ -46,13 +46,24 @@ class Classifier:
         info: the model file's metadata.
         device: where to run; ``auto`` picks CUDA when present.
         precision: ``auto`` uses bf16 where the hardware runs it natively.
+        tta: also classify each image mirrored left-right and average the two (test-time augmentation; twice
+            the compute). Only for classes that mirroring does not change.
     """
 
-    def __init__(self, model: torch.nn.Module, info: ModelInfo, device: str = "auto", precision: str = "auto"):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        info: ModelInfo,
+        device: str = "auto",
+        precision: str = "auto",
+        tta: bool = False,
+    ):
         self.device = pick_device(device)
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.info = info
-        self.step = Step(self.device, pick_precision(precision, self.device), tuple(info.mean), tuple(info.std))
+        self.step = Step(
+            self.device, pick_precision(precision, self.device), tuple(info.mean), tuple(info.std), tta=tta
+        )
 
     @property
     def class_names(self) -> list[str]:
@@ -87,9 +98,7 @@ class Classifier:
         with torch.inference_mode():
             for start in range(0, len(tensors), batch_size):
                 batch = torch.stack(tensors[start : start + batch_size])
-                with autocast(self.device, self.step.precision):
-                    logits = self.model(self.step.inputs(batch))
-                out.append(logits.float().softmax(1).cpu())
+                out.append(self.step.log_probabilities(self.model, batch).exp().cpu())
         return torch.cat(out) if out else torch.empty(0, len(self.class_names))
 
     def predict(
@@ -135,17 +144,17 @@ def fit_to_model(image: torch.Tensor, info: ModelInfo) -> torch.Tensor:
     return image
 
 
-def load(path: str | Path, device: str = "auto", precision: str = "auto") -> Classifier:
+def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: bool = False) -> Classifier:
     """Load a model file written by ``vgg train``, or ``imagenet:ARCH`` for torchvision's ImageNet classifier.
 
-    No code from a file is executed.
+    No code from a file is executed. ``tta``: see ``Classifier``.
     """
     from .imagenet import is_imagenet, load_imagenet
 
     if is_imagenet(path):
-        return load_imagenet(str(path), device, precision)
+        return load_imagenet(str(path), device, precision, tta)
     model, info = load_model(path)
-    return Classifier(model, info, device, precision)
+    return Classifier(model, info, device, precision, tta)
 
 
 def expand_images(paths: Sequence[str | Path]) -> list[Path]:
