@@ -36,7 +36,7 @@ from vgg.config import TrainConfig
 from vgg.data import Batches, scan_folder
 from vgg.engine import Step, make_optimizer, make_schedule, train_one_epoch
 from vgg.models import build
-from vgg.runtime import autocast, cpu_has_bf16, pick_precision, training_channels_last
+from vgg.runtime import autocast, cpu_has_bf16, pick_precision, training_memory_format
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SPEED_SECTION = "Speed (`make bench`)"
@@ -121,12 +121,11 @@ class Synthetic:
 
 def vgg_train_rate(arch: str, size: int, batches, device: torch.device, precision: str) -> float:
     config = TrainConfig(arch=arch, image_size=size, epochs=1, warmup_epochs=0)
-    channels_last = training_channels_last(device, precision, size)  # as `vgg train` chooses
-    layout = torch.channels_last if channels_last else torch.contiguous_format
+    layout = training_memory_format(device, precision, size)  # as `vgg train` chooses
     model = build(arch, num_classes=10, image_size=size).to(device, memory_format=layout)
     optimizer = make_optimizer(model, config)
     schedule = make_schedule(optimizer, config, len(batches))
-    step = Step(device, precision, (0.5,) * 3, (0.25,) * 3, channels_last=channels_last)
+    step = Step(device, precision, (0.5,) * 3, (0.25,) * 3, memory_format=layout)
     warm = Synthetic(next(iter(batches))[0].shape[0], size, 1)
     train_one_epoch(model, warm, optimizer, schedule, step, AugmentConfig(), progress=False)
     return train_one_epoch(model, batches, optimizer, schedule, step, AugmentConfig(), progress=False)["images_per_s"]

@@ -86,10 +86,10 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path: Path, monkeypatch):
 
 
 def test_training_layout_is_nchw_only_for_fp32_cpu_training_at_large_sizes():
-    from vgg.runtime import training_channels_last
+    from vgg.runtime import training_memory_format
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert training_channels_last(cpu, "fp32", 32)
-    assert not training_channels_last(cpu, "fp32", 224)
-    assert training_channels_last(cpu, "bf16", 224)
-    assert training_channels_last(cuda, "fp32", 224)
+    assert training_memory_format(cpu, "fp32", 32) == torch.channels_last
+    assert training_memory_format(cpu, "fp32", 224) == torch.contiguous_format
+    assert training_memory_format(cpu, "bf16", 224) == torch.channels_last
+    assert training_memory_format(cuda, "fp32", 224) == torch.channels_last

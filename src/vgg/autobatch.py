@@ -39,9 +39,11 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _trial_step(model: nn.Module, batch: int, image_size: int, device: torch.device, precision: str) -> None:
+def _trial_step(
+    model: nn.Module, batch: int, image_size: int, device: torch.device, precision: str, layout: torch.memory_format
+) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
-    images = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
+    images = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=layout)
     labels = torch.zeros(batch, dtype=torch.long, device=device)
     with autocast(device, precision):
         loss = F.cross_entropy(model(images).float(), labels)
@@ -74,16 +76,24 @@ def _power_of_two_at_most(n: int) -> int:
 
 
 def find_batch_size(
-    model: nn.Module, image_size: int, device: torch.device, precision: str, limit: int = MAX_BATCH
+    model: nn.Module,
+    image_size: int,
+    device: torch.device,
+    precision: str,
+    limit: int = MAX_BATCH,
+    layout: torch.memory_format = torch.channels_last,
 ) -> int:
-    """The largest power-of-two batch (at most ``limit``) whose training step fits in memory."""
+    """The largest power-of-two batch (at most ``limit``) whose training step fits in memory.
+
+    ``layout`` is the memory format training will keep the model and activations in (runtime.training_memory_format).
+    """
     limit = max(1, min(limit, MAX_BATCH))
-    trial = copy.deepcopy(model).to(device).train()
+    trial = copy.deepcopy(model).to(device, memory_format=layout).train()
     if device.type == "cuda":
         best, batch = 0, 1
         while batch <= limit:
             try:
-                _trial_step(trial, batch, image_size, device, precision)
+                _trial_step(trial, batch, image_size, device, precision, layout)
                 torch.cuda.synchronize(device)
                 best = batch
                 batch *= 2
@@ -94,11 +104,11 @@ def find_batch_size(
         # The trials ran beside the real model's copy on the device: that copy is the margin.
         chosen = max(1, best)
     else:
-        _trial_step(trial, 1, image_size, device, precision)  # weights, gradients and optimizer state
+        _trial_step(trial, 1, image_size, device, precision, layout)  # weights, gradients and optimizer state
         small, large = 2, 6
-        _trial_step(trial, small, image_size, device, precision)
+        _trial_step(trial, small, image_size, device, precision, layout)
         before = _peak_rss()
-        _trial_step(trial, large, image_size, device, precision)
+        _trial_step(trial, large, image_size, device, precision, layout)
         # The allocator may serve a trial from memory freed by an earlier one, hiding its cost: never estimate
         # below the activations the forward pass must keep for the backward pass.
         per_image = max((_peak_rss() - before) / (large - small), activation_bytes(trial, image_size))

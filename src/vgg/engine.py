@@ -32,7 +32,7 @@ class Step:
     precision: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    channels_last: bool = True
+    memory_format: torch.memory_format = torch.channels_last
     # Test-time augmentation for evaluation and prediction: also classify each image mirrored left-right and
     # average the two probability vectors. Right only where mirroring keeps the class (clothes, not text).
     tta: bool = False
@@ -44,7 +44,7 @@ class Step:
         if augment is not None:
             images = augment_batch(images, augment)
         images = normalize(images, self.mean, self.std)
-        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+        return images.contiguous(memory_format=self.memory_format)
 
     def log_probabilities(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Float32 class log-probabilities of a batch, averaged over the mirror image too when ``tta`` is on.

@@ -57,12 +57,14 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=dtype)
 
 
-def training_channels_last(device: torch.device, precision: str, image_size: int) -> bool:
-    """Whether training keeps activations channels-last (NHWC) or in PyTorch's default NCHW layout.
+def training_memory_format(device: torch.device, precision: str, image_size: int) -> torch.memory_format:
+    """The layout training keeps activations in: channels-last (NHWC) or PyTorch's default NCHW.
 
     Channels-last is faster wherever it was measured except fp32 training on a CPU at large sizes. On a 2-core
     Zen 3 without native bf16 (benchmarks/bench_speed.py, 2026-11-28), VGG16 fp32 training ran at 0.7 img/s
     channels-last against 0.9-1.0 NCHW at 224 px, but 49-56 against 41-49 at 32 px; only those two sizes were
     measured, so the switch sits between them. bf16, fp16 and CUDA stay channels-last (their fast kernels want it).
     """
-    return device.type != "cpu" or precision != "fp32" or image_size < 128
+    if device.type != "cpu" or precision != "fp32" or image_size < 128:
+        return torch.channels_last
+    return torch.contiguous_format

@@ -37,7 +37,7 @@ from .engine import FitResult, Step, fit
 from .errors import UsageError
 from .models import build, check_arch
 from .report import format_summary, plot_curves, write_history
-from .runtime import pick_device, pick_precision, training_channels_last
+from .runtime import pick_device, pick_precision, training_memory_format
 from .state import load_state, save_state
 from .transfer import cached_fit_inputs, maybe_unfreeze, prepare
 
@@ -184,12 +184,11 @@ def _train(
     # Weights are read before the images are decoded: a missing weights file should not cost a decoding pass.
     model = build(config.arch, num_classes=len(classes), image_size=config.image_size, dropout=config.dropout)
     preprocessing = prepare(model, config, classes, log)
+    layout = training_memory_format(device, precision, config.image_size)
     if config.batch_size == "auto":
         config = dataclasses.replace(
             config,
-            batch_size=find_batch_size(
-                model.to(memory_format=torch.channels_last), config.image_size, device, precision, len(train_samples)
-            ),
+            batch_size=find_batch_size(model, config.image_size, device, precision, len(train_samples), layout),
         )
         log(f"batch size: {config.batch_size} (auto: the largest power of two that fits)")
     pin = device.type == "cuda"
@@ -206,8 +205,7 @@ def _train(
         rank=world.rank, world_size=world.world_size, decode_device=decode_device,
     )  # fmt: skip
 
-    channels_last = training_channels_last(device, precision, config.image_size)
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model = model.to(device, memory_format=layout)
     if config.compile:
         # In place: the parameter names (and so the model files and training state) stay those of the module.
         model.compile()
@@ -302,7 +300,7 @@ def _train(
         if world.main:
             save_state(run_dir, training_state)
 
-    step = Step(device, precision, preprocessing.mean, preprocessing.std, channels_last=channels_last)
+    step = Step(device, precision, preprocessing.mean, preprocessing.std, memory_format=layout)
     weights = None
     if config.class_weight == "auto":
         labels = torch.arange(len(classes)).repeat_interleave(torch.tensor(list(counts.values())))

@@ -340,5 +340,5 @@ def cached_fit_inputs(
     val = extract_features(model, val_batches, step, progress)
     log(f"features cached: {len(train.labels)} + {len(val.labels)} images in {time.perf_counter() - start:.1f} s "
         f"({nbytes / 1024**2:.0f} MB); later epochs train only the classifier")  # fmt: skip
-    feature_step = FeatureStep(step.device, step.precision, step.mean, step.std, channels_last=False)
+    feature_step = FeatureStep(step.device, step.precision, step.mean, step.std, memory_format=torch.contiguous_format)
     return model.classifier, train, val, feature_step
