@@ -181,6 +181,15 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tta(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="also classify each image mirrored left-right and average the two (twice the compute; only where "
+        "mirroring keeps the class)",
+    )
+
+
 def _add_predict(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("predict", help="predict the class of images with a trained model")
     p.add_argument("model", help="a .safetensors model file written by `vgg train`, or imagenet:ARCH (e.g. vgg16)")
@@ -188,12 +197,7 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=1, help="show the k most likely classes; default 1")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--tta",
-        action="store_true",
-        help="also classify each image mirrored left-right and average the two (twice the compute; only where "
-        "mirroring keeps the class)",
-    )
+    _add_tta(p)
     p.set_defaults(run=_predict)
 
 
@@ -219,12 +223,7 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--tta",
-        action="store_true",
-        help="also classify each image mirrored left-right and average the two (twice the compute; only where "
-        "mirroring keeps the class)",
-    )
+    _add_tta(p)
     p.set_defaults(run=_evaluate)
 
 
