@@ -16,7 +16,7 @@ from vgg.engine import Step, fit, make_optimizer, train_one_epoch
 from vgg.errors import UsageError
 from vgg.schedules import make_schedule
 
-CPU = Step(torch.device("cpu"), "fp32", (0.5,) * 3, (0.25,) * 3, channels_last=False)
+CPU = Step(torch.device("cpu"), "fp32", (0.5,) * 3, (0.25,) * 3, memory_format=torch.contiguous_format)
 NO_AUGMENT = AugmentConfig(shift=0.0, hflip=False)
 
 
