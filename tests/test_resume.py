@@ -102,7 +102,7 @@ def test_resume_from_any_checkpoint_replays_the_same_run(two_class_dir: Path, sc
         warmup_epochs=0.5,
     )  # fmt: skip
     config.augment.rotation = 15.0
-    step = Step(torch.device("cpu"), "fp32", (0.5,) * 3, (0.25,) * 3, channels_last=False)
+    step = Step(torch.device("cpu"), "fp32", (0.5,) * 3, (0.25,) * 3, memory_format=torch.contiguous_format)
 
     def run(state=None, stop_at: int | None = None):
         torch.manual_seed(0)
