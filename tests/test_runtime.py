@@ -37,6 +37,20 @@ def _step_with(precision: str) -> float:
     return metrics["loss"]
 
 
+def test_epoch_reports_the_learning_rate_of_its_last_step():
+    # history.csv's lr column: after a one-epoch warm-up it shows the rate the warm-up reached, not its first step.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    config = TrainConfig(lr=0.1, warmup_epochs=1, schedule="cosine", epochs=2)
+    optimizer = make_optimizer(model, config)
+    schedule = make_schedule(optimizer, config, 4)
+    batches = [(torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8), torch.tensor([0, 1]))] * 4
+    step = Step(CPU, "fp32", (0.5,) * 3, (0.25,) * 3)
+    first = train_one_epoch(model, batches, optimizer, schedule, step, AugmentConfig(), progress=False)
+    assert first["lr"] == pytest.approx(0.1 * 4 / 5)  # warm-up factor (step + 1) / (warmup + 1) at step 3 of 4
+    second = train_one_epoch(model, batches, optimizer, schedule, step, AugmentConfig(), progress=False)
+    assert 0 < second["lr"] < first["lr"]  # cosine: the rate of step 7, 3/4 of the way down
+
+
 def test_each_precision_trains_a_step_on_cpu_and_fp16_is_refused():
     fp32, bf16 = _step_with("fp32"), _step_with("bf16")
     assert 0 < fp32 < 10 and bf16 == pytest.approx(fp32, abs=0.05)  # bf16 keeps ~3 significant digits

@@ -130,6 +130,7 @@ def train_one_epoch(
     ``start`` batches of this epoch were done before a resume, and ``totals`` holds their sums.
     ``on_step(totals, batches_done)`` runs after every optimizer step: where mid-epoch checkpoints are taken.
     ``mixer`` (MixUp/CutMix) turns labels into soft targets for the loss; ``class_weights`` weight it per class.
+    The returned ``lr`` is the learning rate of the epoch's last optimizer step.
     """
     model.train()
     if class_weights is not None:
@@ -138,6 +139,7 @@ def train_one_epoch(
     n = len(batches)
     started, seen_before = time.perf_counter(), totals.seen
     optimizer.zero_grad(set_to_none=True)
+    lr = optimizer.param_groups[0]["lr"]
     bar = tqdm(batches, desc=description, leave=False, disable=not progress, unit="batch", dynamic_ncols=True)
     for i, (images, labels) in enumerate(bar, start):
         if len(labels) == 0:
@@ -162,6 +164,7 @@ def train_one_epoch(
         totals.correct += (logits.argmax(1) == labels).sum()
         totals.seen += len(labels)
         if boundary:
+            lr = optimizer.param_groups[0]["lr"]
             if clip_grad_norm:
                 if scaler is not None:
                     scaler.unscale_(optimizer)
@@ -188,7 +191,7 @@ def train_one_epoch(
     sums = all_reduce_sum(torch.cat([sums, torch.tensor([totals.seen, rate], dtype=torch.float64, device=sums.device)]))
     loss_sum, correct, seen, rate = sums.tolist()
     seen = max(seen, 1)
-    return {"loss": loss_sum / seen, "accuracy": correct / seen, "images_per_s": rate}
+    return {"loss": loss_sum / seen, "accuracy": correct / seen, "images_per_s": rate, "lr": lr}
 
 
 @torch.inference_mode()
@@ -327,14 +330,13 @@ def fit(
         first_epoch, result.stopped_early = config.epochs + 1, True
     for epoch in range(first_epoch, config.epochs + 1):
         started = time.perf_counter()
-        lr = resumed["lr"] if resumed else optimizer.param_groups[0]["lr"]
 
-        def on_step(totals: Totals, done: int, epoch: int = epoch, lr: float = lr) -> None:
+        def on_step(totals: Totals, done: int, epoch: int = epoch) -> None:
             nonlocal global_step
             global_step += 1
             every = config.save_every_steps
             if on_checkpoint is not None and every and global_step % every == 0 and done < len(train_batches):
-                on_checkpoint(snapshot(epoch - 1, {"totals": totals.state_dict(), "lr": lr}))
+                on_checkpoint(snapshot(epoch - 1, {"totals": totals.state_dict()}))
 
         train = train_one_epoch(
             model,
@@ -363,7 +365,7 @@ def fit(
             "accuracy": train["accuracy"],
             "val_loss": val["loss"],
             "val_accuracy": val["accuracy"],
-            "lr": lr,
+            "lr": train["lr"],
             "images_per_s": train["images_per_s"],
             "seconds": time.perf_counter() - started,
         }
