@@ -3,8 +3,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from vgg.config import RECIPES, TrainConfig, resolve
+from vgg.engine import make_optimizer
 from vgg.errors import UsageError
 
 
@@ -17,6 +19,19 @@ def test_defaults_recipe_file_then_flags(tmp_path):
     assert config.lr == 0.1  # flag beats file
     assert config.augment.rotation == 15.0 and config.augment.zoom == 0.2
     assert config.augment.shift == RECIPES["tutorial"]["augment"]["shift"]  # None means "not given"
+
+
+def test_batch_norm_from_scratch_defaults_to_a_higher_rate_unless_lr_is_set(tmp_path):
+    assert resolve(arch="vgg16").lr == TrainConfig(arch="vgg16").validate().lr == 2e-4
+    assert resolve(arch="vgg16_bn").lr == TrainConfig(arch="vgg11_bn").validate().lr == 1e-3
+    assert resolve(arch="vgg16_bn", lr=5e-4).lr == 5e-4  # a flag wins
+    assert resolve(arch="vgg16_bn", weights="imagenet").lr == 2e-4  # fine-tuning keeps the gentle rate
+    file = tmp_path / "run.toml"
+    file.write_text("lr = 3e-4\n")
+    assert resolve(file=file, arch="vgg16_bn").lr == 3e-4  # and so does a file's rate
+    # An unvalidated config (the Python API before train()) gets the same rate from make_optimizer.
+    optimizer = make_optimizer(torch.nn.Linear(2, 2), TrainConfig(arch="vgg13_bn"))
+    assert {group["lr"] for group in optimizer.param_groups} == {1e-3}
 
 
 def test_unknown_keys_suggest_the_right_one(tmp_path):

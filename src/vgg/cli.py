@@ -65,7 +65,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         "--batch-size", type=_batch_size, help="images per step, or auto (the largest that fits); default 64"
     )
     p.add_argument("--optimizer", help="adamw (default), adam or sgd")
-    p.add_argument("--lr", type=float, help="peak learning rate; default 2e-4")
+    p.add_argument("--lr", type=float, help="peak learning rate; default 1e-3 for _bn archs from scratch, else 2e-4")
     p.add_argument("--momentum", type=float, help="SGD momentum (Nesterov); default 0.9")
     p.add_argument("--weight-decay", type=float, help="default 0.05 (decoupled, AdamW)")
     _bool_flag(p, "nesterov", "Nesterov momentum for SGD (default on)")

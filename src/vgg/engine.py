@@ -6,7 +6,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sized
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .augment import AugmentConfig, augment_batch, batch_mixer
-from .config import TrainConfig
+from .config import TrainConfig, default_lr
 from .data import Batches, normalize
 from .distributed import all_reduce_sum, gather, rank
 from .runtime import autocast
@@ -63,6 +63,8 @@ class Step:
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     from .transfer import lr_groups
 
+    if config.lr is None:
+        config = replace(config, lr=default_lr(config.arch, config.weights))
     groups = []
     for params, lr in lr_groups(model, config):
         # No weight decay on biases and batch-norm parameters: decaying them only fights the normalisation.
