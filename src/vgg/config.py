@@ -31,11 +31,11 @@ class TrainConfig:
 
     The defaults are a recipe that learns on plain VGG16 from scratch: AdamW at 2e-4 (1e-3 for the batch-norm
     VGGs trained from scratch, ``default_lr``) after a one-epoch linear warm-up, cosine decay, decoupled weight
-    decay, label smoothing, shift + flip augmentation. Measured on
-    Fashion-MNIST at 32 px (5,000 training images, 2 epochs): the tutorial's Adam at 1e-3 stays at chance (0.100),
-    SGD+Nesterov at 0.01-0.02 barely leaves it (0.29-0.31), Adam at 1e-4 reaches 0.734. With all 57,000 images
-    and batch 128 the tutorial's recipe does learn: one epoch gives 0.808 test accuracy, against 0.837 for this
-    recipe on VGG16-BN in the same time (benchmarks/RESULTS.md).
+    decay, label smoothing, shift + flip augmentation. Measured on Fashion-MNIST at 32 px (5,000 training
+    images, 2 epochs): the tutorial's Adam at 1e-3 stays at chance (0.100), SGD+Nesterov at 0.01-0.02 barely
+    leaves it (0.29-0.31), Adam at 1e-4 reaches 0.734. With all 57,000 images and batch 128 the tutorial's recipe
+    does learn: one epoch gives 0.808 test accuracy, against 0.837 for this recipe (then at 2e-4) on VGG16-BN in
+    the same time (benchmarks/RESULTS.md).
     ``recipe="tutorial"`` (the ``RECIPES`` table) restores the tutorial's settings.
     """
 
