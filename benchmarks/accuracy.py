@@ -21,7 +21,7 @@ from bench_speed import RESULTS, append_to_section, commit, machine
 from vgg.cli import build_parser, train_config
 from vgg.datasets import fashion_mnist
 from vgg.predict import load
-from vgg.trainer import train
+from vgg.training.run import train
 
 ACCURACY_SECTION = "Accuracy on Fashion-MNIST (`make accuracy`)"
 

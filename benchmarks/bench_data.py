@@ -26,12 +26,14 @@ import torch
 from PIL import Image
 
 from vgg import scan
-from vgg.augment import AugmentConfig, augment_batch, image_transform
-from vgg.config import TrainConfig
-from vgg.data import IMAGENET_MEAN, IMAGENET_STD, decode
-from vgg.engine import Step, make_optimizer
+from vgg.decoding import decode
+from vgg.inference import Step
 from vgg.models import build
 from vgg.runtime import autocast, pick_device, pick_precision
+from vgg.training.augment import AugmentConfig, augment_batch, image_transform
+from vgg.training.config import TrainConfig
+from vgg.training.loop import make_optimizer
+from vgg.weights import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _photo(seed: int) -> bytes:

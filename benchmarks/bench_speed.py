@@ -31,12 +31,15 @@ from PIL import Image
 from torch import nn
 
 import vgg
-from vgg.augment import AugmentConfig
-from vgg.config import TrainConfig
-from vgg.data import Batches, scan_folder
-from vgg.engine import Step, make_optimizer, make_schedule, train_one_epoch
+from vgg.batches import Batches
+from vgg.inference import Step
 from vgg.models import build
 from vgg.runtime import autocast, cpu_has_bf16, pick_precision, training_memory_format
+from vgg.scan import scan_folder
+from vgg.training.augment import AugmentConfig
+from vgg.training.config import TrainConfig
+from vgg.training.loop import make_optimizer, train_one_epoch
+from vgg.training.schedules import make_schedule
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SPEED_SECTION = "Speed (`make bench`)"

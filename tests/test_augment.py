@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from vgg.augment import AugmentConfig, augment_batch, batch_mixer, image_transform
+from vgg.training.augment import AugmentConfig, augment_batch, batch_mixer, image_transform
 
 
 def _batch(n=64):
@@ -97,8 +97,8 @@ def test_mixup_and_cutmix_give_soft_targets_the_loss_accepts():
 
 
 def test_feature_cache_is_refused_when_presets_change_images_every_epoch():
-    from vgg.config import resolve
-    from vgg.transfer import cache_blocker
+    from vgg.training.config import resolve
+    from vgg.training.features import cache_blocker
 
     still = {"shift": 0.0, "hflip": False}
     assert cache_blocker(resolve(freeze="features", augment=still)) is None

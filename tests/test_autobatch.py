@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vgg import autobatch
 from vgg.cli import main
 from vgg.models import build
+from vgg.training import autobatch
 
 
 def test_cpu_batch_is_a_power_of_two_within_the_limit():

@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vgg.checkpoint import ModelInfo, atomic_write, load_model, read_info, save_model
+from vgg.checkpoint import ModelInfo, load_model, read_info, save_model
 from vgg.errors import UsageError
+from vgg.files import atomic_write
 from vgg.models import build
 
 

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from vgg.config import RECIPES, TrainConfig, resolve
-from vgg.engine import make_optimizer
 from vgg.errors import UsageError
+from vgg.training.config import RECIPES, TrainConfig, resolve
+from vgg.training.loop import make_optimizer
 
 
 def test_defaults_recipe_file_then_flags(tmp_path):

@@ -11,11 +11,13 @@ from conftest import COLOURS, MESSY_BAD, MESSY_UNUSUAL, write_images, write_mess
 from PIL import Image
 
 from vgg import scan
+from vgg.batches import Batches, class_weights
 from vgg.cli import main
-from vgg.config import resolve
-from vgg.data import Batches, class_weights, decode, read_split, scan_folder, stratified_split, write_split
+from vgg.decoding import decode
 from vgg.errors import UsageError
-from vgg.trainer import train
+from vgg.scan import read_split, scan_folder, stratified_split, write_split
+from vgg.training.config import resolve
+from vgg.training.run import train
 
 
 def test_classes_are_sorted_folders_and_clutter_is_ignored(two_class_dir: Path):

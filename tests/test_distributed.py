@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from vgg.data import Batches, scan_folder
-from vgg.engine import Step, evaluate
+from vgg.batches import Batches
+from vgg.inference import Step, evaluate
 from vgg.models import build
+from vgg.scan import scan_folder
 
 
 @pytest.mark.parametrize("cache", ["ram", "none"])

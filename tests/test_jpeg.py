@@ -14,9 +14,11 @@ import torch
 from conftest import MESSY_BAD, small_run, write_messy_dataset
 from PIL import Image
 
-from vgg import jpeg
-from vgg.augment import AugmentConfig, image_transform
-from vgg.data import Batches, decode, scan_folder
+from vgg import decoding as jpeg
+from vgg.batches import Batches
+from vgg.decoding import decode
+from vgg.scan import scan_folder
+from vgg.training.augment import AugmentConfig, image_transform
 
 
 def _noise(height: int = 24, width: int = 40) -> Image.Image:
@@ -32,7 +34,7 @@ def test_batch_decoding_applies_exif_orientation_as_the_host_decoder_does(tmp_pa
     path = tmp_path / "photo.jpg"
     image.save(path, exif=exif, quality=95)
 
-    item = jpeg.read(path, 32)
+    item = jpeg.read_jpeg(path, 32)
     assert isinstance(item, jpeg.Encoded) and item.orientation == orientation
     [decoded] = jpeg.decode_batch([item], 32, "cpu")
     assert torch.equal(decoded, decode(path, 32))
@@ -43,9 +45,9 @@ def test_non_jpeg_and_cmyk_files_are_decoded_by_the_worker(tmp_path):
     Image.new("CMYK", (40, 40), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
     Image.new("L", (40, 30), 90).save(tmp_path / "grey.jpg")
     for name in ("a.png", "cmyk.jpg"):
-        read = jpeg.read(tmp_path / name, 32)
+        read = jpeg.read_jpeg(tmp_path / name, 32)
         assert isinstance(read, torch.Tensor) and torch.equal(read, decode(tmp_path / name, 32))
-    grey = jpeg.read(tmp_path / "grey.jpg", 32)
+    grey = jpeg.read_jpeg(tmp_path / "grey.jpg", 32)
     assert isinstance(grey, jpeg.Encoded)
     assert torch.equal(jpeg.decode_batch([grey], 32, "cpu")[0], decode(tmp_path / "grey.jpg", 32))
 
@@ -79,7 +81,7 @@ def test_a_batch_with_a_corrupt_jpeg_keeps_its_good_images_in_order(tmp_path):
         _noise(30 + i, 40).save(tmp_path / f"{i}.jpg")
     good = (tmp_path / "1.jpg").read_bytes()
     (tmp_path / "1.jpg").write_bytes(good[: len(good) // 2])
-    items = [jpeg.read(tmp_path / f"{i}.jpg", 32) for i in range(3)]
+    items = [jpeg.read_jpeg(tmp_path / f"{i}.jpg", 32) for i in range(3)]
     images, labels, bad = jpeg.assemble(items, torch.tensor([0, 1, 2]), ["0", "1", "2"], 32, torch.device("cpu"))
     assert labels.tolist() == [0, 2]
     assert torch.equal(images[1], decode(tmp_path / "2.jpg", 32))

@@ -10,7 +10,7 @@ from PIL import Image
 
 import vgg
 from vgg.checkpoint import ModelInfo, save_model
-from vgg.data import decode
+from vgg.decoding import decode
 from vgg.errors import UsageError
 from vgg.models import build
 

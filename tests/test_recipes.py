@@ -9,12 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from vgg.augment import AugmentConfig
-from vgg.config import TrainConfig, resolve
-from vgg.data import Batches, scan_folder
-from vgg.engine import Step, fit, make_optimizer, train_one_epoch
+from vgg.batches import Batches
 from vgg.errors import UsageError
-from vgg.schedules import make_schedule
+from vgg.inference import Step
+from vgg.scan import scan_folder
+from vgg.training.augment import AugmentConfig
+from vgg.training.config import TrainConfig, resolve
+from vgg.training.loop import fit, make_optimizer, train_one_epoch
+from vgg.training.schedules import make_schedule
 
 CPU = Step(torch.device("cpu"), "fp32", (0.5,) * 3, (0.25,) * 3, memory_format=torch.contiguous_format)
 NO_AUGMENT = AugmentConfig(shift=0.0, hflip=False)

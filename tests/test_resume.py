@@ -20,12 +20,14 @@ from conftest import COLOURS, small_run, write_images
 from safetensors.torch import load_file
 from torch import nn
 
+from vgg.batches import Batches
 from vgg.cli import main
-from vgg.config import TrainConfig
-from vgg.data import Batches, scan_folder
-from vgg.engine import Step, fit
 from vgg.errors import UsageError
-from vgg.state import STATE_FILE, load_state, resume_config
+from vgg.inference import Step
+from vgg.scan import scan_folder
+from vgg.training.config import TrainConfig
+from vgg.training.loop import fit
+from vgg.training.state import STATE_FILE, load_state, resume_config
 
 TINY = ["--arch", "vgg11", "--image-size", "32", "--batch-size", "4", "--workers", "0", "--device", "cpu"]
 EXACT = ["--precision", "fp32", "--seed", "3", "--epochs", "2", "--rotation", "10"]

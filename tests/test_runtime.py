@@ -11,13 +11,14 @@ from conftest import COLOURS, write_images
 from torch import nn
 
 from vgg import runtime
-from vgg.augment import AugmentConfig
 from vgg.cli import main
-from vgg.config import TrainConfig
-from vgg.engine import Step, make_optimizer, train_one_epoch
 from vgg.errors import UsageError
-from vgg.schedules import make_schedule
-from vgg.trainer import _tensorboard
+from vgg.inference import Step
+from vgg.training.augment import AugmentConfig
+from vgg.training.config import TrainConfig
+from vgg.training.loop import make_optimizer, train_one_epoch
+from vgg.training.rundir import _tensorboard
+from vgg.training.schedules import make_schedule
 
 CPU = torch.device("cpu")
 

@@ -18,12 +18,13 @@ from safetensors import safe_open
 
 from vgg.checkpoint import ModelInfo, load_model, save_model
 from vgg.cli import main
-from vgg.config import TrainConfig, resolve
-from vgg.engine import make_optimizer
 from vgg.errors import UsageError
 from vgg.models import build
-from vgg.trainer import train
-from vgg.transfer import load_pretrained, read_weights
+from vgg.training.config import TrainConfig, resolve
+from vgg.training.loop import make_optimizer
+from vgg.training.run import train
+from vgg.training.transfer import load_pretrained
+from vgg.weights import read_weights
 
 TINY = ["--arch", "vgg11", "--image-size", "32", "--batch-size", "8", "--workers", "0"]
 NO_AUGMENT = ["--shift", "0", "--no-hflip"]

@@ -1,51 +1,30 @@
-"""Decoding images and batching them for training and evaluation.
+"""Batching decoded images for training and evaluation.
 
-Scanning folders and splitting them is in ``scan.py`` (re-exported here). Images are decoded once to
-``image_size`` x ``image_size`` uint8 tensors (squashed, as the tutorial's ``target_size`` does) and either kept in
-memory, when they fit, or decoded again by loader workers. Batch augmentation happens where the batch is (see
-``augment.py``); per-image policies (RandAugment, random erasing) run in the loader or the training process.
+Images are decoded once to ``image_size`` x ``image_size`` uint8 tensors (squashed, as the tutorial's
+``target_size`` does) and either kept in memory, when they fit, or decoded again by loader workers every epoch.
+Batch augmentation happens in the training loop, where the batch is; per-image policies (RandAugment, random
+erasing) run in the loader or the training process, as the ``transform`` given here.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import random
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.v2 import functional as TF
 
-from . import jpeg
+from .decoding import assemble, decode, read_jpeg
 from .errors import UsageError
-from .scan import (  # noqa: F401  (re-exported: the data API predates the split into two modules)
-    IMAGE_EXTENSIONS,
-    ImageFolder,
-    Sample,
-    read_split,
-    scan_folder,
-    sniff,
-    stratified_split,
-    write_split,
-)
+from .scan import Sample
 
 log = logging.getLogger(__name__)
-# torchvision 0.29 deprecates its decoders in favour of TorchCodec; they remain the fastest decoders in our stack.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Images bigger than this are refused rather than decoded (decompression bombs); Pillow warns at 89 Mpx.
-MAX_PIXELS = 89_478_485
 # Decoded datasets up to this size stay in memory as uint8 (60,000 images at 32 px take 184 MB).
 RAM_CACHE_LIMIT = 4 * 1024**3
 
@@ -64,96 +43,10 @@ def limit_per_class(samples: list[Sample], limit: int, seed: int = 0) -> list[Sa
     return sorted(out, key=lambda s: (s.label, str(s.path)))
 
 
-# Formats torchvision decodes natively (faster than Pillow); the rest (bmp, tiff, ppm) go through Pillow.
-NATIVE_FORMATS = {"jpeg", "png", "gif", "webp"}
-
-
-def _header(data: bytes, kind: str) -> tuple[int, int]:
-    """Width and height from the header alone, so a decompression bomb is refused before it is decoded."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                return im.size
-        except Image.DecompressionBombError as error:
-            # Pillow refuses to even read the header past twice its own limit, which is our limit.
-            raise ValueError(f"image too large (over {2 * MAX_PIXELS:,} px, limit {MAX_PIXELS:,} px)") from error
-        except (OSError, ValueError, SyntaxError) as error:
-            reason = "truncated" if "truncat" in str(error).lower() else "corrupt"
-            raise ValueError(f"{reason} {kind} image ({error})") from error
-
-
-def _decode_pil(data: bytes) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as im:
-            im.seek(0)  # animated images: the first frame
-            im = ImageOps.exif_transpose(im)
-            if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-                # Pillow's own conversion clips 16-bit values at 255 (a white image); scale them instead.
-                pixels = np.asarray(im, dtype=np.float32)
-                pixels = pixels / 257 if im.mode.startswith("I;16") or pixels.max() > 255 else pixels
-                im = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-            if im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
-                im = im.convert("RGBA")
-            return TF.pil_to_tensor(im.convert("RGB"))
-
-
-def decode(path: str | Path, image_size: int | None = None) -> torch.Tensor:
-    """Read an image file as a 3 x H x W uint8 RGB tensor, EXIF orientation applied, optionally squashed to a square.
-
-    The format is recognised by content. Grayscale, palette (with transparency), RGBA, CMYK and 16-bit images
-    become 8-bit RGB; an animated GIF gives its first frame. torchvision's native decoders are tried first
-    (faster); Pillow handles what they cannot.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: the file is empty, not an image, truncated or corrupt, or over ``MAX_PIXELS`` pixels; the
-            message is the reason, as written to ``skipped.csv``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Image not found: {path}. Expected an image file (jpg, png, ...).")
-    return decode_bytes(path.read_bytes(), image_size)
-
-
-def decode_bytes(data: bytes, image_size: int | None = None) -> torch.Tensor:
-    """``decode`` for an image file's content already in memory."""
-    if not data:
-        raise ValueError("empty file (0 bytes)")
-    kind = sniff(data[:16])
-    if kind is None:
-        text = all(32 <= b < 127 or b in (9, 10, 13) for b in data[:64])
-        raise ValueError("not an image (its content is text)" if text else "not an image (unknown content)")
-    width, height = _header(data, kind)
-    if width * height > MAX_PIXELS:
-        raise ValueError(f"image too large ({width}x{height} px, limit {MAX_PIXELS:,} px)")
-    image = None
-    if kind in NATIVE_FORMATS:
-        try:
-            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            image = decode_image(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-        except RuntimeError:
-            image = None
-    if image is None:
-        try:
-            image = _decode_pil(data)
-        except (OSError, ValueError, SyntaxError) as error:
-            reason = "truncated" if "truncat" in str(error).lower() else "corrupt"
-            raise ValueError(f"{reason} {kind} image ({error})") from error
-    if image.ndim == 4:
-        image = image[0]
-    if image.dtype != torch.uint8:
-        image = TF.to_dtype(image, torch.uint8, scale=True)
-    if image_size is not None and tuple(image.shape[-2:]) != (image_size, image_size):
-        image = TF.resize(image, [image_size, image_size], antialias=True)
-    return image.contiguous()
-
-
 class DecodedImages(Dataset):
     """Decodes samples on access; a bad file yields ``None`` with its reason instead of raising.
 
-    With ``jpeg_bytes``, plain JPEGs are only read (``jpeg.Encoded``), to be decoded a batch at a time elsewhere.
+    With ``jpeg_bytes``, plain JPEGs are only read (``Encoded``), to be decoded a batch at a time elsewhere.
     """
 
     def __init__(
@@ -174,7 +67,7 @@ class DecodedImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str, str]:
         sample = self.samples[index]
         try:
-            image = jpeg.read(sample.path, self.image_size) if self.jpeg_bytes else decode(sample.path, self.image_size)
+            image = read_jpeg(sample.path, self.image_size) if self.jpeg_bytes else decode(sample.path, self.image_size)
         except (OSError, ValueError) as error:
             return None, sample.label, str(sample.path), str(error)
         if self.transform is not None:  # never with jpeg_bytes: Batches keeps those apart
@@ -192,11 +85,54 @@ def _collate(items: list[tuple[torch.Tensor | None, int, str, str]]) -> tuple[to
 
 
 def _collate_mixed(items: list) -> tuple[list, torch.Tensor, list, list[str]]:
-    """Like ``_collate``, but images stay a list: decoded tensors and ``jpeg.Encoded`` bytes, with their paths."""
+    """Like ``_collate``, but images stay a list: decoded tensors and ``Encoded`` bytes, with their paths."""
     good = [(image, label, path) for image, label, path, _ in items if image is not None]
     bad = [(path, reason) for image, _, path, reason in items if image is None]
     labels = torch.tensor([label for _, label, _ in good], dtype=torch.long)
     return [image for image, _, _ in good], labels, bad, [path for _, _, path in good]
+
+
+class FittedImages(Dataset):
+    """Files decoded at full size, then brought to the model's input by ``fit`` (its own resizing rule).
+
+    What evaluation and prediction read: a bad file yields ``None`` with its reason instead of raising.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str | Path, int]], fit: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.samples, self.fit = list(samples), fit
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str, str]:
+        path, label = self.samples[index]
+        try:
+            return self.fit(decode(path)), label, str(path), ""
+        except (OSError, ValueError) as error:
+            return None, label, str(path), str(error)
+
+
+def _collate_with_paths(items: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]], list[str]]:
+    """``_collate`` plus the paths of the images that decoded, in batch order."""
+    images, labels, bad = _collate(items)
+    return images, labels, bad, [path for image, _, path, _ in items if image is not None]
+
+
+def fitted_batches(
+    samples: Sequence[tuple[str | Path, int]],
+    fit: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int,
+    workers: int | None = None,
+) -> DataLoader:
+    """Batches ``(images, labels, bad, paths)`` of ``FittedImages`` in sample order, decoded by loader workers."""
+    if batch_size < 1:
+        raise UsageError(f"batch_size must be a positive integer. Received: batch_size={batch_size}.")
+    return DataLoader(
+        FittedImages(samples, fit),
+        batch_size=batch_size,
+        num_workers=default_workers() if workers is None else workers,
+        collate_fn=_collate_with_paths,
+    )
 
 
 SAMPLERS = ("shuffle", "balanced")
@@ -218,7 +154,38 @@ def default_workers() -> int:
     return min(8, len(os.sched_getaffinity(0)))
 
 
-class Batches:
+class Resumable:
+    """Where an epoch's shuffled order stands, so that a resumed run replays it and skips what was handed out.
+
+    Subclasses draw each epoch's order from ``self.generator`` right after ``_begin_epoch()``, count handed-out
+    batches in ``position`` and call ``_end_epoch()`` when the epoch is over.
+    """
+
+    generator: torch.Generator
+    position: int = 0
+    _resume_at: int = 0
+
+    def _begin_epoch(self) -> int:
+        """Start an epoch; returns how many batches to skip (those handed out before a resume)."""
+        self._epoch_state = self.generator.get_state()
+        self.position, self._resume_at = self._resume_at, 0
+        return self.position
+
+    def _end_epoch(self) -> None:
+        self.position = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the shuffling stands: mid-epoch, the state this epoch's order came from and how far it got."""
+        generator = self._epoch_state if self.position else self.generator.get_state()
+        return {"generator": generator.clone(), "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The next iteration replays the saved epoch's order and skips the batches already handed out."""
+        self.generator.set_state(state["generator"])
+        self._resume_at = int(state["position"])
+
+
+class Batches(Resumable):
     """Iterable of ``(uint8 images N x 3 x S x S, labels)`` batches, from memory or from disk.
 
     Small datasets are decoded once (in parallel) and kept in memory; larger ones are decoded by loader workers
@@ -235,7 +202,7 @@ class Batches:
         sampler: ``shuffle`` (each image once per epoch) or ``balanced`` (images drawn with replacement with
             probability inversely proportional to their class's size, so every class is seen equally often).
         decode_device: when streaming without a per-image transform, the loader workers only read plain JPEGs and
-            they are decoded a batch at a time on this device (nvJPEG on CUDA; ``jpeg.py``), so batches arrive
+            they are decoded a batch at a time on this device (nvJPEG on CUDA; ``decoding.py``), so batches arrive
             there already decoded. ``None``: workers decode everything.
     """
 
@@ -276,10 +243,6 @@ class Batches:
         self.skipped: list[tuple[str, str]] = []
         self.images: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
-        # Batches handed out in the current epoch, and the generator state its order was drawn from.
-        self.position = 0
-        self._epoch_state = self.generator.get_state()
-        self._resume_at = 0
         nbytes = len(self.samples) * 3 * image_size * image_size
         if cache == "ram" or (cache == "auto" and nbytes <= RAM_CACHE_LIMIT):
             self._decode_all()
@@ -333,16 +296,6 @@ class Batches:
         n = len(self._shard(torch.arange(self.num_images)))
         return n // self.batch_size if self._drops_last(n) else -(-n // self.batch_size)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Where the shuffling stands: mid-epoch, the state this epoch's order came from and how far it got."""
-        generator = self._epoch_state if self.position else self.generator.get_state()
-        return {"generator": generator.clone(), "position": self.position}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """The next iteration replays the saved epoch's order and skips the batches already handed out."""
-        self.generator.set_state(state["generator"])
-        self._resume_at = int(state["position"])
-
     def _epoch_order(self) -> torch.Tensor:
         n = self.num_images
         if not self.shuffle:
@@ -353,11 +306,10 @@ class Batches:
         return torch.randperm(n, generator=self.generator)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self._epoch_state = self.generator.get_state()
+        skip = self._begin_epoch()
         order = self._shard(self._epoch_order())
         stop = len(order) - len(order) % self.batch_size if self._drops_last(len(order)) else len(order)
-        starts = range(self._resume_at * self.batch_size, stop, self.batch_size)
-        self.position, self._resume_at = self._resume_at, 0
+        starts = range(skip * self.batch_size, stop, self.batch_size)
         if self.images is not None:
             for start in starts:
                 index = order[start : start + self.batch_size]
@@ -372,18 +324,9 @@ class Batches:
             for images, labels, bad, *paths in self._loader(batches, self.transform, raw=raw):
                 self._record(bad)
                 if raw:
-                    images, labels, bad = jpeg.assemble(images, labels, paths[0], self.image_size, self.decode_device)
+                    images, labels, bad = assemble(images, labels, paths[0], self.image_size, self.decode_device)
                     self._record(bad)
                 self.position += 1
                 if len(labels):
                     yield images, labels
-        self.position = 0
-
-
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 or [0, 1] float images -> normalised float32 (channels-last friendly, no copy of the layout)."""
-    if images.dtype == torch.uint8:
-        images = images.float().div_(255)
-    m = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-    return (images - m) / s
+        self._end_epoch()

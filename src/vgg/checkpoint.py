@@ -8,9 +8,6 @@ normalisation and the versions that wrote it.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ from safetensors.torch import save_file
 
 from . import __version__
 from .errors import UsageError
+from .files import atomic_write
 from .models import VGG, build
 
 FORMAT = "vgg.model/1"
@@ -37,30 +35,14 @@ class ModelInfo:
     std: list[float]
     dropout: float = 0.5
     resize: str = "squash"
+    # How images are brought to ``image_size``: "bilinear" (antialiased, as training decodes) or "nearest"
+    # (what Keras's load_img does, for models imported from Keras).
+    interpolation: str = "bilinear"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(temp_path)`` on a temp file in the target folder, then rename it over ``path``.
-
-    A crash at any moment leaves either the old file or the new one, never a half-written one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(temp)
-        with open(temp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def save_model(path: str | Path, model: VGG, info: ModelInfo) -> None:

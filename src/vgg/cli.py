@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -13,7 +14,7 @@ from . import __version__
 from .errors import UsageError
 
 if TYPE_CHECKING:
-    from .config import TrainConfig
+    from .training.config import TrainConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,10 +29,6 @@ def _batch_size(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', received {text!r}") from None
-
-
-def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
-    parser.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, help=help)
 
 
 def _add_summary(commands: argparse._SubParsersAction) -> None:
@@ -50,112 +47,58 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train(commands: argparse._SubParsersAction) -> None:
+def _add_train(commands: argparse._SubParsersAction, flags: bool = True) -> None:
+    """``vgg train``; its setting flags come from the config declarations (``training/config.py``).
+
+    ``flags=False`` registers the command alone, so that other commands never import the training package.
+    """
     p = commands.add_parser("train", help="train a model on a class-per-folder image dataset")
-    p.add_argument("data", nargs="?", help="dataset folder: DATA/<class>/<image> (optional with --resume)")
-    p.add_argument("--val", help="validation folder with the same classes (default: a stratified 80/20 split)")
-    p.add_argument("--out", help="run folder for models, history, curves and config (default runs/train)")
+    p.set_defaults(run=_train)
+    if not flags:
+        return
+    from .training.augment import AugmentConfig
+    from .training.config import TrainConfig
+    from .training.settings import declared
+
     p.add_argument("--config", help="a .toml or .json file of settings; flags override it")
     p.add_argument("--recipe", help="default (learns) or tutorial (Adam 1e-3, no augmentation)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its state.pt, exactly")
-    p.add_argument("--arch", help="vgg11, vgg13, vgg16, vgg19 or their _bn variants; default vgg16")
-    p.add_argument("--image-size", type=int, help="images are resized to this square side; default 224")
-    p.add_argument("--epochs", type=int, help="maximum number of epochs; default 30")
-    p.add_argument(
-        "--batch-size", type=_batch_size, help="images per step, or auto (the largest that fits); default 64"
-    )
-    p.add_argument("--optimizer", help="adamw (default), adam or sgd")
-    p.add_argument("--lr", type=float, help="peak learning rate; default 1e-3 for _bn archs from scratch, else 2e-4")
-    p.add_argument("--momentum", type=float, help="SGD momentum (Nesterov); default 0.9")
-    p.add_argument("--weight-decay", type=float, help="default 0.05 (decoupled, AdamW)")
-    _bool_flag(p, "nesterov", "Nesterov momentum for SGD (default on)")
-    p.add_argument("--schedule", help="cosine (default), constant, step, onecycle or plateau; all after warm-up")
-    p.add_argument("--warmup-epochs", type=float, help="linear warm-up length; default 1")
-    p.add_argument("--step-size", type=int, help="step schedule: decay the rate by --gamma every N epochs; default 10")
-    p.add_argument("--gamma", type=float, help="step and plateau schedules: rate decay factor; default 0.1")
-    p.add_argument("--plateau-patience", type=int, help="plateau schedule: epochs without improvement; default 3")
-    p.add_argument("--clip-grad-norm", type=float, help="clip the gradient norm to this value; default 0 (off)")
-    p.add_argument("--accumulate", type=int, help="accumulate gradients over N batches per step; default 1")
-    p.add_argument("--label-smoothing", type=float, help="default 0.1")
-    p.add_argument("--dropout", type=float, help="dropout in the classifier; default 0.5")
-    p.add_argument("--patience", type=int, help="stop after this many epochs without improvement; default 20")
-    p.add_argument("--monitor", help="val_accuracy (default), val_loss, accuracy or loss")
-    p.add_argument("--min-delta", type=float, help="smallest change of --monitor that counts as improvement; default 0")
-    _bool_flag(p, "restore-best", "end with the best epoch's weights instead of the last (default off)")
-    p.add_argument("--val-fraction", type=float, help="validation share when --val is not given; default 0.2")
-    p.add_argument("--max-per-class", type=int, help="use at most this many training images per class")
-    p.add_argument("--seed", type=int, help="seed for the split, initialisation and shuffling; default 0")
-    _bool_flag(p, "deterministic", "deterministic kernels only (torch.use_deterministic_algorithms); default off")
-    p.add_argument("--save-every-steps", type=int, help="also save state.pt every N steps, for mid-epoch resume")
-    _bool_flag(p, "compile", "compile the model with torch.compile (slow first step; faster steps on GPUs)")
-    _bool_flag(p, "tensorboard", "write TensorBoard event files to RUN_DIR/tensorboard (needs vgg[tensorboard])")
-    p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--precision", help="auto (default: bf16 where native), fp32, bf16, fp16 (CUDA)")
-    p.add_argument("--workers", type=int, help="image decoding processes; default: one per core, up to 8")
-    p.add_argument("--cache", help="auto (default: decoded images kept in memory when they fit), ram, none")
-    p.add_argument(
-        "--decode", help="where JPEGs are decoded: auto (default: on the GPU when training on CUDA), workers, device"
-    )
-    p.add_argument("--split", help="reuse a split.csv (path,class,split) from an earlier run instead of splitting")
-    p.add_argument("--class-weight", help="none (default) or auto: loss weights inversely proportional to class size")
-    p.add_argument("--sampler", help="shuffle (default) or balanced: draw every class equally often")
-    g = p.add_argument_group("augmentation (training images only)")
-    g.add_argument("--rotation", type=float, help="max rotation in degrees; default 0")
-    g.add_argument("--shift", type=float, help="max shift as a fraction of the side; default 0.125")
-    g.add_argument("--zoom", type=float, help="zoom range: scale in [1-zoom, 1+zoom]; default 0")
-    g.add_argument("--shear", type=float, help="max shear in degrees; default 0")
-    g.add_argument("--brightness", type=float, help="brightness factor range [1-b, 1+b]; default 0")
-    _bool_flag(g, "hflip", "random left-right flips (default on)")
-    _bool_flag(g, "vflip", "random upside-down flips (default off)")
-    g.add_argument(
-        "--augment", dest="policy", help="none, basic (default: the options above), randaugment or trivialaugment"
-    )
-    g.add_argument("--mixup", type=float, help="MixUp alpha (e.g. 0.2); default 0 (off)")
-    g.add_argument("--cutmix", type=float, help="CutMix alpha (e.g. 1.0); default 0 (off)")
-    g.add_argument("--erasing", type=float, help="random erasing probability per image; default 0")
-    _add_transfer_flags(p)
-    p.set_defaults(run=_train)
+    for f in declared(TrainConfig):
+        _add_setting(p, TrainConfig, f)
+    group = p.add_argument_group("augmentation (training images only)")
+    for f in declared(AugmentConfig):
+        _add_setting(group, AugmentConfig, f)
 
 
-def _add_transfer_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("transfer learning")
-    g.add_argument("--weights", help="start from 'imagenet' (torchvision's weights for --arch) or a .pth/.safetensors")
-    g.add_argument("--freeze", help="none (default) or features: train only the classifier")
-    g.add_argument("--unfreeze-at", type=int, help="with --freeze features: train the features too from this epoch")
-    g.add_argument("--backbone-lr-scale", type=float, help="the features' learning rate is lr times this; default 1")
-    _bool_flag(g, "cache-features", "frozen features, no augmentation: compute features once (default on)")
+def _add_setting(parser: argparse._ActionsContainer, config_type: type, f: dataclasses.Field) -> None:
+    from .training.settings import kinds
 
-
-AUGMENT_FLAGS = (
-    "rotation",
-    "shift",
-    "zoom",
-    "shear",
-    "brightness",
-    "hflip",
-    "vflip",
-    "policy",
-    "mixup",
-    "cutmix",
-    "erasing",
-)
-TRAIN_FLAGS = (
-    "data", "val", "out", "arch", "image_size", "epochs", "batch_size", "optimizer", "lr", "momentum",
-    "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "dropout", "patience", "monitor",
-    "val_fraction", "max_per_class", "seed", "device", "precision", "workers", "cache", "decode", "nesterov",
-    "step_size", "gamma", "plateau_patience", "clip_grad_norm", "accumulate", "min_delta", "restore_best",
-    "deterministic", "save_every_steps", "tensorboard", "compile", "split", "class_weight", "sampler",
-)  # fmt: skip
-TRANSFER_FLAGS = ("weights", "freeze", "unfreeze_at", "backbone_lr_scale", "cache_features")
+    plain, options = kinds(config_type, f.name)
+    text = f.metadata["help"]
+    if options and not any(k in (int, float) for k in plain):
+        text += f" ({', '.join(options)})"
+    if f.default is not None and f.default != "":
+        text += f"; default {'on' if f.default is True else 'off' if f.default is False else f.default}"
+    if f.name == "data":
+        parser.add_argument("data", nargs="?", help=text)
+        return
+    flag = "--" + (f.metadata["flag"] or f.name).replace("_", "-")
+    if bool in plain:
+        parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=text)
+        return
+    kind = _batch_size if f.name == "batch_size" else int if int in plain else float if float in plain else str
+    parser.add_argument(flag, dest=f.name, type=kind, help=text, metavar=flag[2:].replace("-", "_").upper())
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The resolved training configuration for parsed ``vgg train`` arguments."""
-    from .config import resolve
-    from .state import resume_config
+    from .training.augment import AugmentConfig
+    from .training.config import TrainConfig, resolve
+    from .training.settings import declared
+    from .training.state import resume_config
 
-    augment = {name: getattr(args, name) for name in AUGMENT_FLAGS}
-    flags = {name: getattr(args, name) for name in TRAIN_FLAGS + TRANSFER_FLAGS}
+    augment = {f.name: getattr(args, f.name) for f in declared(AugmentConfig)}
+    flags = {f.name: getattr(args, f.name) for f in declared(TrainConfig)}
     if args.resume:
         if args.config or args.recipe:
             raise UsageError(
@@ -170,7 +113,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 def _train(args: argparse.Namespace) -> int:
     from .distributed import from_env
-    from .trainer import train
+    from .training.run import train
 
     config = train_config(args)
     result = train(config, log=print, progress=sys.stderr.isatty(), resume=bool(args.resume))
@@ -235,10 +178,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     result = classifier.evaluate(args.data, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(result, indent=2))
-    elif "top5_accuracy" in result:
-        from .imagenet import format_imagenet_evaluation
-
-        print(format_imagenet_evaluation(result))
     else:
         print(format_evaluation(result, classifier.class_names))
     return 0
@@ -277,21 +216,30 @@ def _doctor(args: argparse.Namespace) -> int:
     return 1 if report["problems"] else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
+    """The ``vgg`` parser; ``train_flags=False`` leaves out ``vgg train``'s settings (and the training import)."""
     parser = _Parser(prog="vgg", description="Train, evaluate and use VGG image classifiers on folders of images.")
     parser.add_argument("--version", action="version", version=f"vgg {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_summary, _add_train, _add_predict, _add_evaluate, _add_datasets, _add_doctor):
+    _add_summary(commands)
+    _add_train(commands, train_flags)
+    for add in (_add_predict, _add_evaluate, _add_datasets, _add_doctor):
         add(commands)
     return parser
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is not an option), or None."""
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 2 usage or input error)."""
     args = None
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = build_parser(train_flags=_command(argv) == "train").parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
         return args.run(args)
     except UsageError as error:

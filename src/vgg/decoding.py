@@ -1,14 +1,15 @@
-"""JPEG decoding where the model runs: loader workers only read bytes, the training process decodes whole batches.
+"""Reading image files into uint8 RGB tensors: every format, on the host, and JPEG batches where the model runs.
 
-On a GPU, decoding JPEGs on the host is what starves VGG: one host core decodes and resizes ~75 images/s at
-224 px (benchmarks/bench_data.py), a data-centre GPU trains VGG16 at thousands. ``torchvision.io.decode_jpeg``
-with a CUDA device decodes a list of JPEGs in one nvJPEG call, so the loader workers are left with reading files
-and parsing headers. The same path runs on the CPU (``device="cpu"``), which is how it is tested without a GPU.
+``decode`` recognises the format by content and uses torchvision's native decoders where they exist (faster),
+Pillow for the rest. Grayscale, palette, RGBA, CMYK and 16-bit images become 8-bit RGB.
 
-Only the common case travels as bytes: a baseline or progressive JPEG in RGB or grayscale. CMYK JPEGs, other
-formats and anything whose header does not parse are decoded by the worker as usual (``data.decode``), and a JPEG
-the batch decoder rejects is decoded again on the host, so this path accepts and skips exactly what ``decode``
-does.
+On a GPU, decoding JPEGs on the host is what starves VGG (one host core decodes and resizes a few dozen images/s
+at 224 px, benchmarks/RESULTS.md), while ``torchvision.io.decode_jpeg`` with a CUDA device decodes a list of JPEGs
+in one nvJPEG call. So loader workers may only read plain JPEGs (``read_jpeg`` -> ``Encoded``) and the training
+process decodes whole batches (``decode_batch``, ``assemble``). The same path runs on the CPU, which is how it is
+tested without a GPU. Only baseline or progressive JPEGs in RGB or grayscale travel as bytes; anything else is
+decoded by the worker as usual, and a JPEG the batch decoder rejects is decoded again on the host, so this path
+accepts and skips exactly what ``decode`` does.
 """
 
 from __future__ import annotations
@@ -18,10 +19,104 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
+from PIL import Image, ImageOps
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
+
+from .scan import sniff
+
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec; they remain the fastest decoders in our stack.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
+
+# Images bigger than this are refused rather than decoded (decompression bombs); Pillow warns at 89 Mpx.
+MAX_PIXELS = 89_478_485
+# Formats torchvision decodes natively (faster than Pillow); the rest (bmp, tiff, ppm) go through Pillow.
+NATIVE_FORMATS = {"jpeg", "png", "gif", "webp"}
+
+
+def _header(data: bytes, kind: str) -> tuple[int, int]:
+    """Width and height from the header alone, so a decompression bomb is refused before it is decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+        except Image.DecompressionBombError as error:
+            # Pillow refuses to even read the header past twice its own limit, which is our limit.
+            raise ValueError(f"image too large (over {2 * MAX_PIXELS:,} px, limit {MAX_PIXELS:,} px)") from error
+        except (OSError, ValueError, SyntaxError) as error:
+            reason = "truncated" if "truncat" in str(error).lower() else "corrupt"
+            raise ValueError(f"{reason} {kind} image ({error})") from error
+
+
+def _decode_pil(data: bytes) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as im:
+            im.seek(0)  # animated images: the first frame
+            im = ImageOps.exif_transpose(im)
+            if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+                # Pillow's own conversion clips 16-bit values at 255 (a white image); scale them instead.
+                pixels = np.asarray(im, dtype=np.float32)
+                pixels = pixels / 257 if im.mode.startswith("I;16") or pixels.max() > 255 else pixels
+                im = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+            if im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
+                im = im.convert("RGBA")
+            return TF.pil_to_tensor(im.convert("RGB"))
+
+
+def decode(path: str | Path, image_size: int | None = None) -> torch.Tensor:
+    """Read an image file as a 3 x H x W uint8 RGB tensor, EXIF orientation applied, optionally squashed to a square.
+
+    The format is recognised by content. Grayscale, palette (with transparency), RGBA, CMYK and 16-bit images
+    become 8-bit RGB; an animated GIF gives its first frame. torchvision's native decoders are tried first
+    (faster); Pillow handles what they cannot.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is empty, not an image, truncated or corrupt, or over ``MAX_PIXELS`` pixels; the
+            message is the reason, as written to ``skipped.csv``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Image not found: {path}. Expected an image file (jpg, png, ...).")
+    return decode_bytes(path.read_bytes(), image_size)
+
+
+def decode_bytes(data: bytes, image_size: int | None = None) -> torch.Tensor:
+    """``decode`` for an image file's content already in memory."""
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    kind = sniff(data[:16])
+    if kind is None:
+        text = all(32 <= b < 127 or b in (9, 10, 13) for b in data[:64])
+        raise ValueError("not an image (its content is text)" if text else "not an image (unknown content)")
+    width, height = _header(data, kind)
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"image too large ({width}x{height} px, limit {MAX_PIXELS:,} px)")
+    image = None
+    if kind in NATIVE_FORMATS:
+        try:
+            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            image = decode_image(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        except RuntimeError:
+            image = None
+    if image is None:
+        try:
+            image = _decode_pil(data)
+        except (OSError, ValueError, SyntaxError) as error:
+            reason = "truncated" if "truncat" in str(error).lower() else "corrupt"
+            raise ValueError(f"{reason} {kind} image ({error})") from error
+    if image.ndim == 4:
+        image = image[0]
+    if image.dtype != torch.uint8:
+        image = TF.to_dtype(image, torch.uint8, scale=True)
+    if image_size is not None and tuple(image.shape[-2:]) != (image_size, image_size):
+        image = TF.resize(image, [image_size, image_size], antialias=True)
+    return image.contiguous()
+
 
 # EXIF tag 0x0112: how the camera was held. nvJPEG does not apply it, so it is applied after decoding.
 ORIENTATION_TAG = 0x0112
@@ -35,15 +130,12 @@ class Encoded:
     orientation: int = 1
 
 
-def read(path: str | Path, image_size: int) -> Encoded | torch.Tensor:
+def read_jpeg(path: str | Path, image_size: int) -> Encoded | torch.Tensor:
     """A plain RGB or grayscale JPEG as :class:`Encoded`; any other image decoded on the host.
 
     Raises:
-        FileNotFoundError, ValueError: as ``data.decode`` does, for the same files and with the same reasons.
+        FileNotFoundError, ValueError: as ``decode`` does, for the same files and with the same reasons.
     """
-    from .data import MAX_PIXELS, decode, decode_bytes
-    from .scan import sniff
-
     path = Path(path)
     if not path.is_file():
         return decode(path, image_size)  # decode's own "not found" error
@@ -83,8 +175,6 @@ def decode_batch(
     One corrupt file fails a whole batched call, so then each image is decoded on its own, and one that still fails
     is decoded on the host, whose decoder is more forgiving (libjpeg-turbo shows what a truncated file holds).
     """
-    from .data import decode_bytes
-
     if not items:
         return []
     try:

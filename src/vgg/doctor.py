@@ -19,7 +19,8 @@ from typing import Any
 
 from PIL import Image
 
-from .data import decode
+from .batches import default_workers
+from .decoding import decode
 from .scan import class_folders, index_folder
 
 # Classes this many times larger than the smallest one are reported: plain training then mostly learns the big ones.
@@ -115,6 +116,53 @@ def _duplicates(facts: list[dict[str, Any]]) -> list[list[str]]:
     return sorted(sorted(paths) for paths in by_hash.values() if len(paths) > 1)
 
 
+def _describe_split(
+    split: str, found: dict[str, Any], val_given: bool, problems: list[str], warns: list[str]
+) -> tuple[dict[str, Any], bool]:
+    """One split's section of the report, adding its problems and warnings; also whether training could use it."""
+    counts = found["counts"]
+    usable = True
+    for name, n in counts.items():
+        if n == 0:
+            usable = usable and split == "val"
+            problems.append(f"{split}: class {name!r} has no usable images")
+        elif n == 1 and split == "train" and not val_given:
+            usable = False
+            problems.append(f"train: class {name!r} has 1 image: a validation split needs at least 2")
+    for bad in found["bad_files"]:
+        problems.append(f"{split}: bad file {bad['path']}: {bad['reason']} (training skips it)")
+    if found["non_image_files"]:
+        warns.append(f"{split}: {len(found['non_image_files'])} files are not images and are ignored")
+    if found["files_outside_classes"]:
+        warns.append(f"{split}: {len(found['files_outside_classes'])} files outside class folders are ignored")
+    duplicates = _duplicates(found["facts"])
+    for group in duplicates:
+        problems.append(f"{split}: {len(group)} identical files: {', '.join(group)}")
+    summary = _summary(found["facts"])
+    small = summary.get("sizes", {}).get(f"smaller_than_{SMALL_SIDE}px", 0)
+    if small:
+        warns.append(f"{split}: {small} images are smaller than {SMALL_SIDE} px on a side")
+    section = {
+        "root": found["root"],
+        "counts": counts,
+        "images": sum(counts.values()),
+        "bad_files": found["bad_files"],
+        "non_image_files": found["non_image_files"],
+        "files_outside_classes": found["files_outside_classes"],
+        "duplicates": duplicates,
+        **summary,
+    }
+    return section, usable
+
+
+def _leakage(train_facts: list[dict[str, Any]], val_facts: list[dict[str, Any]]) -> list[list[str]]:
+    """[training path, validation path] for every validation file identical to a training file."""
+    train_hashes: dict[str, list[str]] = defaultdict(list)
+    for f in train_facts:
+        train_hashes[f["sha256"]].append(f["path"])
+    return [[path, f["path"]] for f in val_facts for path in train_hashes.get(f["sha256"], [])]
+
+
 def examine(data: str | Path, val: str | Path | None = None, workers: int | None = None) -> dict[str, Any]:
     """Check a dataset folder (and optionally its validation folder) and report what would go wrong in training.
 
@@ -127,8 +175,6 @@ def examine(data: str | Path, val: str | Path | None = None, workers: int | None
     Raises:
         UsageError: ``data`` (or ``val``) is not a folder of class folders.
     """
-    from .data import default_workers
-
     workers = default_workers() if workers is None else workers
     root = Path(data)
     classes = class_folders(root)
@@ -151,37 +197,8 @@ def examine(data: str | Path, val: str | Path | None = None, workers: int | None
         problems.append(f"only one class ({classes[0]!r}): at least 2 class folders are needed")
     report: dict[str, Any] = {"data": str(root), "val": None if val is None else str(val), "splits": {}}
     for split, found in splits.items():
-        counts = found["counts"]
-        for name, n in counts.items():
-            if n == 0:
-                trainable = trainable and split == "val"
-                problems.append(f"{split}: class {name!r} has no usable images")
-            elif n == 1 and split == "train" and val is None:
-                trainable = False
-                problems.append(f"train: class {name!r} has 1 image: a validation split needs at least 2")
-        for bad in found["bad_files"]:
-            problems.append(f"{split}: bad file {bad['path']}: {bad['reason']} (training skips it)")
-        if found["non_image_files"]:
-            warns.append(f"{split}: {len(found['non_image_files'])} files are not images and are ignored")
-        if found["files_outside_classes"]:
-            warns.append(f"{split}: {len(found['files_outside_classes'])} files outside class folders are ignored")
-        duplicates = _duplicates(found["facts"])
-        for group in duplicates:
-            problems.append(f"{split}: {len(group)} identical files: {', '.join(group)}")
-        summary = _summary(found["facts"])
-        small = summary.get("sizes", {}).get(f"smaller_than_{SMALL_SIDE}px", 0)
-        if small:
-            warns.append(f"{split}: {small} images are smaller than {SMALL_SIDE} px on a side")
-        report["splits"][split] = {
-            "root": found["root"],
-            "counts": counts,
-            "images": sum(counts.values()),
-            "bad_files": found["bad_files"],
-            "non_image_files": found["non_image_files"],
-            "files_outside_classes": found["files_outside_classes"],
-            "duplicates": duplicates,
-            **summary,
-        }
+        report["splits"][split], usable = _describe_split(split, found, val is not None, problems, warns)
+        trainable = trainable and usable
     counts = splits["train"]["counts"]
     smallest = min(counts.values())
     ratio = max(counts.values()) / smallest if smallest else float("inf")
@@ -192,19 +209,12 @@ def examine(data: str | Path, val: str | Path | None = None, workers: int | None
             f"train: classes are imbalanced {ratio:.1f}x ({big}: {counts[big]}, {little}: {counts[little]}); "
             "consider --class-weight auto or --sampler balanced"
         )
-    leakage: list[list[str]] = []
-    if "val" in splits:
-        train_hashes: dict[str, list[str]] = defaultdict(list)
-        for f in splits["train"]["facts"]:
-            train_hashes[f["sha256"]].append(f["path"])
-        for f in splits["val"]["facts"]:
-            for path in train_hashes.get(f["sha256"], []):
-                leakage.append([path, f["path"]])
-        if leakage:
-            problems.append(
-                f"leakage: {len(leakage)} validation images are identical to training images "
-                f"(first: {leakage[0][1]} = {leakage[0][0]})"
-            )
+    leakage = _leakage(splits["train"]["facts"], splits["val"]["facts"]) if "val" in splits else []
+    if leakage:
+        problems.append(
+            f"leakage: {len(leakage)} validation images are identical to training images "
+            f"(first: {leakage[0][1]} = {leakage[0][0]})"
+        )
     report["leakage"] = leakage
     report["trainable"] = trainable
     report["problems"] = problems

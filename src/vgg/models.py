@@ -51,11 +51,10 @@ class Conv3x3(nn.Conv2d):
     """``nn.Conv2d(in, out, 3, padding=1)`` (same parameters and names) that trains tiny maps faster.
 
     When training in fp32 on the CPU on a map of at most 2x2 px (VGG's last block at 32-63 px), the layer is
-    computed as one matrix product of the unfolded input, whose backward is two more. Measured on a 2-core Zen 3
-    (benchmarks/conv_layers.py, batch 128): oneDNN's backward of those three layers runs at ~34 GFLOP/s against
-    ~110 for the larger maps, a quarter of all 13 convolutions' time; as matrix products each layer's forward +
-    backward takes 111 ms instead of 223 ms. At 4x4 px and above oneDNN is faster, so everything else stays with
-    it. Results equal oneDNN's up to float rounding.
+    computed as one matrix product of the unfolded input, whose backward is two more: oneDNN's backward is slow on
+    such tiny maps, and the matrix products halve the layer's time (benchmarks/RESULTS.md, "Design
+    measurements"). At 4x4 px and above oneDNN is faster, so everything else stays with it. Results equal
+    oneDNN's up to float rounding.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,12 @@
-"""Using a trained model: ``vgg.load(path).predict(images)`` and whole-folder evaluation."""
+"""Using a trained model: ``vgg.load(path).predict(images)`` and whole-folder evaluation.
+
+Nothing here (nor anything it imports) belongs to training: a process that only predicts carries no optimiser,
+schedule or resume code.
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,12 +16,14 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from .batches import fitted_batches
 from .checkpoint import ModelInfo, load_model
-from .data import Batches, decode, scan_folder
-from .engine import Step, evaluate
+from .decoding import decode
 from .errors import UsageError
+from .imagenet import imagenet_samples, is_imagenet, load_imagenet
+from .inference import Step, evaluate, fit_to_model
 from .runtime import pick_device, pick_precision
-from .scan import image_files
+from .scan import image_files, scan_folder
 
 
 @dataclass
@@ -119,29 +126,44 @@ class Classifier:
             predictions.append(Prediction(top[0][0], top[0][1], top, source))
         return predictions[0] if single else predictions
 
-    def evaluate(self, folder: str | Path, batch_size: int = 64) -> dict:
-        """Loss, accuracy, per-class accuracy and confusion matrix on a labelled class-per-folder dataset."""
-        scanned = scan_folder(folder, classes=self.class_names)
-        batches = Batches(scanned.samples, self.info.image_size, batch_size, shuffle=False, cache="none")
-        result = evaluate(self.model, batches, self.step, len(self.class_names))
-        result["class_names"] = self.class_names
-        result["skipped"] = [{"path": p, "reason": r} for p, r in batches.skipped]
+    def evaluate(
+        self, folder: str | Path, batch_size: int = 64, workers: int | None = None, progress: bool = False
+    ) -> dict:
+        """Loss, top-1 (top-5 with 5+ classes), per-class accuracy and confusion matrix on a labelled folder.
+
+        A model's own classes are read as ``folder/<class>/<image>``; an ImageNet classifier also accepts
+        WordNet-id, class-index or category-name folders (``imagenet.py``), and reports per-class accuracy by
+        folder name, with the accuracy torchvision publishes for its weights.
+        """
+        imagenet = self.info.extra.get("labels") == "imagenet"
+        skipped: list[tuple[str, str]] = []
+        if imagenet:
+            samples, labels, naming = imagenet_samples(folder, self.class_names)
+        else:
+            scanned = scan_folder(folder, classes=self.class_names)
+            samples = [(sample.path, sample.label) for sample in scanned.samples]
+            skipped.extend(scanned.skipped)
+        batches = fitted_batches(samples, functools.partial(fit_to_model, info=self.info), batch_size, workers)
+
+        def readable():
+            for images, targets, bad, _ in batches:
+                skipped.extend(bad)
+                yield images, targets
+
+        result = evaluate(self.model, readable(), self.step, len(self.class_names), progress)
+        result["skipped"] = [{"path": path, "reason": reason} for path, reason in skipped]
+        if not imagenet:
+            result["class_names"] = self.class_names
+            return result
+        # ImageNet: 1,000 classes of which a folder holds a few; per-class numbers by folder, no 1000 x 1000 matrix.
+        confusion = result.pop("confusion")
+        result["per_class_accuracy"] = {
+            name: confusion[i][i] / sum(confusion[i]) for name, i in labels.items() if sum(confusion[i]) > 0
+        }
+        result.update(
+            folder_naming=naming, weights=self.info.extra.get("weights"), published=self.info.extra.get("published")
+        )
         return result
-
-
-def fit_to_model(image: torch.Tensor, info: ModelInfo) -> torch.Tensor:
-    """Bring a C x H x W image to the model's input size the way its preprocessing says.
-
-    ``squash`` (models trained here) resizes to a square, as training did; ``crop`` (ImageNet's evaluation
-    transform) resizes the short side to ``extra["resize_size"]`` and takes the central square.
-    """
-    size = info.image_size
-    if info.resize == "crop":
-        image = TF.resize(image, [int(info.extra.get("resize_size", size))], antialias=True)
-        return TF.center_crop(image, [size, size])
-    if tuple(image.shape[-2:]) != (size, size):
-        image = TF.resize(image, [size, size], antialias=True)
-    return image
 
 
 def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: bool = False) -> Classifier:
@@ -149,11 +171,7 @@ def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: b
 
     No code from a file is executed. ``tta``: see ``Classifier``.
     """
-    from .imagenet import is_imagenet, load_imagenet
-
-    if is_imagenet(path):
-        return load_imagenet(str(path), device, precision, tta)
-    model, info = load_model(path)
+    model, info = load_imagenet(str(path)) if is_imagenet(path) else load_model(path)
     return Classifier(model, info, device, precision, tta)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 from .models import build
 
 
@@ -125,11 +125,31 @@ def plot_curves(path: str | Path, history: Sequence[dict[str, float]]) -> None:
 
 
 def format_evaluation(result: dict, class_names: Sequence[str]) -> str:
+    """``Classifier.evaluate``'s result as text: totals, then per class (or, for ImageNet, the published numbers)."""
+    head = f"images: {result['images']}   loss: {result['loss']:.4f}   "
+    if "top5_accuracy" in result:
+        head += f"top-1: {result['accuracy']:.4f}   top-5: {result['top5_accuracy']:.4f}"
+    else:
+        head += f"accuracy: {result['accuracy']:.4f}"
+    if "folder_naming" in result:
+        return _format_imagenet(head, result)
     width = max(len("class"), *(len(n) for n in class_names))
-    lines = [
-        f"images: {result['images']}   loss: {result['loss']:.4f}   accuracy: {result['accuracy']:.4f}",
-        f"{'class':<{width}}   images   accuracy",
-    ]
+    lines = [head, f"{'class':<{width}}   images   accuracy"]
     for name, row, acc in zip(class_names, result["confusion"], result["per_class_accuracy"], strict=True):
         lines.append(f"{name:<{width}}   {sum(row):>6}   {acc:.4f}")
+    if result.get("skipped"):
+        lines.append(f"skipped {len(result['skipped'])} unreadable files")
+    return "\n".join(lines)
+
+
+def _format_imagenet(head: str, result: dict) -> str:
+    lines = [f"{head}   (class folders named by {result['folder_naming']})"]
+    published = result.get("published")
+    if published:
+        lines.append(
+            f"torchvision publishes for {result['weights']} on the 50,000 ImageNet validation images: "
+            f"top-1 {published['acc@1'] / 100:.5f}, top-5 {published['acc@5'] / 100:.5f}"
+        )
+    if result["skipped"]:
+        lines.append(f"skipped {len(result['skipped'])} unreadable files")
     return "\n".join(lines)

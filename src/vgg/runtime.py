@@ -60,10 +60,9 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 def training_memory_format(device: torch.device, precision: str, image_size: int) -> torch.memory_format:
     """The layout training keeps activations in: channels-last (NHWC) or PyTorch's default NCHW.
 
-    Channels-last is faster wherever it was measured except fp32 training on a CPU at large sizes. On a 2-core
-    Zen 3 without native bf16 (benchmarks/bench_speed.py, 2026-11-28), VGG16 fp32 training ran at 0.7 img/s
-    channels-last against 0.9-1.0 NCHW at 224 px, but 49-56 against 41-49 at 32 px; only those two sizes were
-    measured, so the switch sits between them. bf16, fp16 and CUDA stay channels-last (their fast kernels want it).
+    Channels-last is faster wherever it was measured except fp32 training on a CPU at large sizes (224 px slower,
+    32 px faster; benchmarks/RESULTS.md, "Design measurements"); only those two sizes were measured, so the switch
+    sits between them. bf16, fp16 and CUDA stay channels-last (their fast kernels want it).
     """
     if device.type != "cpu" or precision != "fp32" or image_size < 128:
         return torch.channels_last

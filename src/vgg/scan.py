@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
+from .files import atomic_write, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,6 @@ def _load_cached(root: Path) -> Index | None:
 
 
 def _save_cached(index: Index) -> None:
-    from .checkpoint import atomic_write
-
     data = {
         "version": INDEX_VERSION,
         "root": str(index.root.resolve()),
@@ -285,16 +284,10 @@ def stratified_split(
 
 def write_split(path: str | Path, classes: Sequence[str], train: Sequence[Sample], val: Sequence[Sample]) -> None:
     """Write the split manifest: one row per image (path, class, split), readable by ``read_split``."""
-    from .checkpoint import atomic_write
-
-    def write(temp: str) -> None:
-        with open(temp, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "class", "split"])
-            for split, samples in (("train", train), ("val", val)):
-                writer.writerows([str(s.path), classes[s.label], split] for s in samples)
-
-    atomic_write(Path(path), write)
+    rows = [
+        [str(s.path), classes[s.label], split] for split, samples in (("train", train), ("val", val)) for s in samples
+    ]
+    write_csv(path, ["path", "class", "split"], rows)
 
 
 def read_split(path: str | Path, classes: Sequence[str]) -> tuple[list[Sample], list[Sample]]:

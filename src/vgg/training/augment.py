@@ -15,11 +15,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from .errors import UsageError
+from ..errors import UsageError
+from .settings import check_settings, setting
 
 POLICIES = ("none", "basic", "randaugment", "trivialaugment")
 
@@ -28,32 +30,24 @@ POLICIES = ("none", "basic", "randaugment", "trivialaugment")
 class AugmentConfig:
     """Random transformations applied to training images (never to validation or prediction).
 
-    Attributes:
-        rotation: maximum rotation in degrees (uniform in [-rotation, rotation]).
-        shift: maximum shift as a fraction of the side, horizontally and vertically (rounded to whole pixels).
-        zoom: zoom range: scale drawn uniformly in [1 - zoom, 1 + zoom].
-        shear: maximum shear angle in degrees.
-        hflip: flip left-right with probability 1/2.
-        vflip: flip upside down with probability 1/2.
-        brightness: brightness factor drawn in [1 - brightness, 1 + brightness].
-        policy: ``none`` (no augmentation at all, whatever the options above), ``basic`` (the options above),
-            ``randaugment`` or ``trivialaugment`` (torchvision's per-image policy, then the options above).
-        mixup: MixUp's Beta(alpha, alpha) parameter; 0 is off.
-        cutmix: CutMix's Beta(alpha, alpha) parameter; 0 is off. With both on, each batch uses one of them.
-        erasing: probability of random erasing (a random rectangle set to black) per image; 0 is off.
+    ``policy`` ``none`` turns all of them off whatever the other settings; ``basic`` is the ImageDataGenerator-like
+    options; ``randaugment`` and ``trivialaugment`` add torchvision's per-image policy before them. With both MixUp
+    and CutMix on, each batch uses one of them.
     """
 
-    rotation: float = 0.0
-    shift: float = 0.125
-    zoom: float = 0.0
-    shear: float = 0.0
-    hflip: bool = True
-    vflip: bool = False
-    brightness: float = 0.0
-    policy: str = "basic"
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    erasing: float = 0.0
+    rotation: float = setting(0.0, "max rotation in degrees", low=0)
+    shift: float = setting(0.125, "max shift as a fraction of the side", low=0, high=1)
+    zoom: float = setting(0.0, "zoom range: scale drawn in [1-zoom, 1+zoom]", low=0, high=1)
+    shear: float = setting(0.0, "max shear in degrees", low=0)
+    hflip: bool = setting(True, "random left-right flips")
+    vflip: bool = setting(False, "random upside-down flips")
+    brightness: float = setting(0.0, "brightness factor drawn in [1-b, 1+b]", low=0, high=1)
+    policy: Literal["none", "basic", "randaugment", "trivialaugment"] = setting(
+        "basic", "augmentation preset: basic is the options above, none turns them all off", flag="augment"
+    )
+    mixup: float = setting(0.0, "MixUp alpha (e.g. 0.2); 0 is off")
+    cutmix: float = setting(0.0, "CutMix alpha (e.g. 1.0); 0 is off")
+    erasing: float = setting(0.0, "random erasing probability per image")
 
     def validate(self) -> AugmentConfig:
         if self.policy not in POLICIES:
@@ -63,6 +57,7 @@ class AugmentConfig:
                 raise UsageError(f"{name} must be 0 (off) or a positive alpha. Received: {name}={getattr(self, name)}.")
         if not 0 <= self.erasing <= 1:
             raise UsageError(f"erasing must be a probability in [0, 1]. Received: erasing={self.erasing}.")
+        check_settings(self)
         return self
 
     @property

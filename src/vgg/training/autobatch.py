@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .runtime import autocast
+from ..runtime import autocast
 
 log = logging.getLogger(__name__)
 

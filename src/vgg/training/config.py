@@ -1,6 +1,11 @@
 """Training configuration: one tree of dataclasses, resolved as defaults <- recipe <- config file <- command line.
 
 The resolved tree is written to ``RUN_DIR/config.json`` with every run, so a run can be repeated exactly.
+
+Every setting is declared once, with ``setting(default, help, ...)``: its type (``Literal`` for a choice), default,
+help text and whether a resumed run may change it. The command line builds its flags from these declarations
+(``cli.py``), ``validate`` checks choices and ranges from them, and ``state.resume_config`` reads resumability
+from them.
 """
 
 from __future__ import annotations
@@ -10,19 +15,12 @@ import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from ..errors import UsageError, did_you_mean
+from ..models import check_arch
 from .augment import AugmentConfig
-from .errors import UsageError, did_you_mean
-
-MONITORS = ("val_accuracy", "val_loss", "accuracy", "loss")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("cosine", "constant", "step", "onecycle", "plateau")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-FREEZE = ("none", "features")
-CLASS_WEIGHTS = ("none", "auto")
-SAMPLERS = ("shuffle", "balanced")
-DECODE = ("auto", "workers", "device")
+from .settings import check_settings, setting
 
 
 @dataclass
@@ -31,101 +29,98 @@ class TrainConfig:
 
     The defaults are a recipe that learns on plain VGG16 from scratch: AdamW at 2e-4 (1e-3 for the batch-norm
     VGGs trained from scratch, ``default_lr``) after a one-epoch linear warm-up, cosine decay, decoupled weight
-    decay, label smoothing, shift + flip augmentation. Measured on Fashion-MNIST at 32 px (5,000 training
-    images, 2 epochs): the tutorial's Adam at 1e-3 stays at chance (0.100), SGD+Nesterov at 0.01-0.02 barely
-    leaves it (0.29-0.31), Adam at 1e-4 reaches 0.734. With all 57,000 images and batch 128 the tutorial's recipe
-    does learn: one epoch gives 0.808 test accuracy, against 0.837 for this recipe (then at 2e-4) on VGG16-BN in
-    the same time (benchmarks/RESULTS.md).
+    decay, label smoothing, shift + flip augmentation. The tutorial's own recipe (Adam at 1e-3, no augmentation)
+    stalls at chance on small data; the measurements behind these choices are in benchmarks/RESULTS.md.
     ``recipe="tutorial"`` (the ``RECIPES`` table) restores the tutorial's settings.
     """
 
-    data: str = ""
-    val: str | None = None
-    out: str = "runs/train"
-    arch: str = "vgg16"
-    image_size: int = 224
-    epochs: int = 30
-    batch_size: int | str = 64  # or "auto": the largest that fits (autobatch.py), resolved when training starts
-    optimizer: str = "adamw"
-    lr: float | None = None  # None: default_lr(arch, weights), filled in by validate()
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 0.05
-    schedule: str = "cosine"
-    warmup_epochs: float = 1.0
-    step_size: int = 10
-    gamma: float = 0.1
-    plateau_patience: int = 3
-    clip_grad_norm: float = 0.0
-    accumulate: int = 1
-    label_smoothing: float = 0.1
-    dropout: float = 0.5
-    patience: int = 20
-    monitor: str = "val_accuracy"
-    min_delta: float = 0.0
-    restore_best: bool = False
-    val_fraction: float = 0.2
-    max_per_class: int | None = None
-    seed: int = 0
-    deterministic: bool = False
-    save_every_steps: int = 0
-    tensorboard: bool = False
-    compile: bool = False
-    device: str = "auto"
-    precision: str = "auto"
-    workers: int | None = None
-    cache: str = "auto"
-    # JPEG decoding: "auto" = on the accelerator (nvJPEG) when training on CUDA from streamed images, else in the
-    # loader workers; "device" forces the batch decoder (jpeg.py), "workers" the workers.
-    decode: str = "auto"
-    # transfer learning (transfer.py): weights to start from, frozen backbone, its learning rate, cached features
-    weights: str | None = None
-    freeze: str = "none"
-    unfreeze_at: int | None = None
-    backbone_lr_scale: float = 1.0
-    cache_features: bool = True
-    split: str | None = None
-    class_weight: str = "none"
-    sampler: str = "shuffle"
+    data: str = setting("", "dataset folder: DATA/<class>/<image> (optional with --resume)", resumable=True)
+    val: str | None = setting(
+        None, "validation folder with the same classes (default: a stratified split)", resumable=True
+    )
+    out: str = setting("runs/train", "run folder for models, history, curves and config")
+    arch: str = setting("vgg16", "vgg11, vgg13, vgg16, vgg19 or their _bn variants")
+    image_size: int = setting(224, "images are resized to this square side", low=1)
+    epochs: int = setting(30, "maximum number of epochs", low=1, resumable=True)
+    batch_size: int | Literal["auto"] = setting(64, "images per step, or auto (the largest that fits)", low=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = setting("adamw", "the optimizer")
+    lr: float | None = setting(None, "peak learning rate (default: 1e-3 for _bn archs from scratch, else 2e-4)")
+    momentum: float = setting(0.9, "SGD momentum", low=0, high=1)
+    nesterov: bool = setting(True, "Nesterov momentum for SGD")
+    weight_decay: float = setting(0.05, "weight decay (decoupled with AdamW)", low=0)
+    schedule: Literal["cosine", "constant", "step", "onecycle", "plateau"] = setting(
+        "cosine", "learning-rate schedule, all after the warm-up"
+    )
+    warmup_epochs: float = setting(1.0, "linear warm-up length in epochs", low=0)
+    step_size: int = setting(10, "step schedule: decay the rate by --gamma every N epochs", low=1)
+    gamma: float = setting(0.1, "step and plateau schedules: rate decay factor, between 0 and 1")
+    plateau_patience: int = setting(3, "plateau schedule: epochs without improvement before a cut", low=0)
+    clip_grad_norm: float = setting(0.0, "clip the gradient norm to this value (0: off)", low=0)
+    accumulate: int = setting(1, "accumulate gradients over N batches per optimizer step", low=1)
+    label_smoothing: float = setting(0.1, "label smoothing of the loss", low=0, high=1)
+    dropout: float = setting(0.5, "dropout in the classifier", low=0, high=1)
+    patience: int = setting(20, "stop after this many epochs without improvement (0: never)", low=0, resumable=True)
+    monitor: Literal["val_accuracy", "val_loss", "accuracy", "loss"] = setting(
+        "val_accuracy", "the metric that picks the best model and drives early stopping"
+    )
+    min_delta: float = setting(0.0, "smallest change of --monitor that counts as improvement", low=0)
+    restore_best: bool = setting(False, "end with the best epoch's weights instead of the last")
+    val_fraction: float = setting(0.2, "validation share when --val is not given", low=0, high=1)
+    max_per_class: int | None = setting(None, "use at most this many training images per class", low=1)
+    seed: int = setting(0, "seed for the split, initialisation and shuffling")
+    deterministic: bool = setting(False, "deterministic kernels only (torch.use_deterministic_algorithms)")
+    save_every_steps: int = setting(0, "also save state.pt every N steps, for mid-epoch resume", low=0, resumable=True)
+    tensorboard: bool = setting(
+        False, "write TensorBoard files to RUN_DIR/tensorboard (vgg[tensorboard])", resumable=True
+    )
+    compile: bool = setting(False, "compile the model with torch.compile (slow first step)", resumable=True)
+    device: str = setting("auto", "auto (CUDA when present), cpu, cuda or cuda:N", resumable=True)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = setting(
+        "auto", "numeric precision: auto is bf16 where the hardware runs it natively; fp16 needs CUDA"
+    )
+    workers: int | None = setting(
+        None, "image decoding processes (default: one per core, up to 8)", low=0, resumable=True
+    )
+    cache: Literal["auto", "ram", "none"] = setting(
+        "auto", "keep decoded images in memory: auto when they fit", resumable=True
+    )
+    decode: Literal["auto", "workers", "device"] = setting(
+        "auto", "where JPEGs are decoded: auto is on the GPU when training on CUDA", resumable=True
+    )
+    weights: str | None = setting(None, "start from 'imagenet' (torchvision's weights) or a .pth/.safetensors file")
+    freeze: Literal["none", "features"] = setting("none", "features: train only the classifier")
+    unfreeze_at: int | None = setting(None, "with --freeze features: train the features too from this epoch")
+    backbone_lr_scale: float = setting(1.0, "the features' learning rate is lr times this (more than 0)")
+    cache_features: bool = setting(True, "frozen features, no augmentation: compute the features once")
+    split: str | None = setting(None, "reuse a split.csv (path,class,split) of an earlier run instead of splitting")
+    class_weight: Literal["none", "auto"] = setting("none", "auto: loss weights inversely proportional to class size")
+    sampler: Literal["shuffle", "balanced"] = setting("shuffle", "balanced: draw every class equally often")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> TrainConfig:
         """Check every setting (a clear error naming the bad one) and fill in ``lr``'s default."""
-        _choice("monitor", self.monitor, MONITORS)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("cache", self.cache, ("auto", "ram", "none"))
-        _choice("decode", self.decode, DECODE)
-        _choice("class_weight", self.class_weight, CLASS_WEIGHTS)
-        _choice("sampler", self.sampler, SAMPLERS)
+        check_settings(self)
+        check_arch(self.arch)
         if self.split is not None and self.val is not None:
             raise UsageError(
                 f"split and val both say which images validate. Received: split={self.split!r}, val={self.val!r}; "
                 "pass one of them."
             )
         self.augment.validate()
-        if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
-            raise UsageError(
-                f"batch_size must be a positive integer or 'auto'. Received: batch_size={self.batch_size!r}."
-            )
-        for name in ("epochs", "image_size", "step_size", "accumulate"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be a positive integer. Received: {name}={getattr(self, name)}.")
-        if self.lr is None:
-            self.lr = default_lr(self.arch, self.weights)
-        if self.lr <= 0:
+        self.lr = self.peak_lr
+        if not self.lr > 0:  # NaN fails this too
             raise UsageError(f"lr must be positive. Received: lr={self.lr}.")
-        for name in ("patience", "plateau_patience", "save_every_steps", "clip_grad_norm", "min_delta"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"{name} must be 0 or more. Received: {name}={getattr(self, name)}.")
         if not 0 < self.gamma < 1:
             raise UsageError(f"gamma (learning-rate decay) must be between 0 and 1. Received: gamma={self.gamma}.")
         self._validate_transfer()
         return self
 
+    @property
+    def peak_lr(self) -> float:
+        """``lr``, or its default for this architecture and starting point when none was given."""
+        return self.lr if self.lr is not None else default_lr(self.arch, self.weights)
+
     def _validate_transfer(self) -> None:
-        _choice("freeze", self.freeze, FREEZE)
         if self.unfreeze_at is not None:
             if self.freeze != "features":
                 raise UsageError(
@@ -142,6 +137,11 @@ class TrainConfig:
                 f"backbone_lr_scale must be positive (use --freeze features to stop the backbone). "
                 f"Received: backbone_lr_scale={self.backbone_lr_scale}."
             )
+
+
+def monitor_mode(monitor: str) -> str:
+    """``min`` for a loss, ``max`` for an accuracy."""
+    return "min" if monitor.endswith("loss") else "max"
 
 
 def default_lr(arch: str, weights: str | None) -> float:
@@ -170,10 +170,10 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
+def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
         raise UsageError(
-            f"{name} must be one of {{{', '.join(choices)}}}. Received: {name}={value!r}.{did_you_mean(value, choices)}"
+            f"{name} must be one of {{{', '.join(options)}}}. Received: {name}={value!r}.{did_you_mean(value, options)}"
         )
 
 

@@ -1,12 +1,12 @@
-"""The training loop: one epoch, evaluation, and ``fit`` with best-model checkpointing and early stopping."""
+"""The training loop: one epoch, and ``fit``: epochs, validation, early stopping, unfreezing and resumable state."""
 
 from __future__ import annotations
 
-import math
+import functools
 import time
 from collections.abc import Callable, Iterable, Sized
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,71 +15,32 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..distributed import all_reduce_sum, gather, rank
+from ..inference import Step, evaluate
+from ..runtime import autocast
 from .augment import AugmentConfig, augment_batch, batch_mixer
-from .config import TrainConfig, default_lr
-from .data import Batches, normalize
-from .distributed import all_reduce_sum, gather, rank
-from .runtime import autocast
+from .config import TrainConfig, monitor_mode
 from .schedules import Schedule, make_schedule
 from .state import rng_states, set_rng_states
-
-
-@dataclass
-class Step:
-    """How batches become model inputs, shared by training, evaluation and prediction."""
-
-    device: torch.device
-    precision: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    memory_format: torch.memory_format = torch.channels_last
-    # Test-time augmentation for evaluation and prediction: also classify each image mirrored left-right and
-    # average the two probability vectors. Right only where mirroring keeps the class (clothes, not text).
-    tta: bool = False
-
-    def inputs(self, images: torch.Tensor, augment: AugmentConfig | None = None) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True)
-        if images.dtype == torch.uint8:
-            images = images.float().div_(255)
-        if augment is not None:
-            images = augment_batch(images, augment)
-        images = normalize(images, self.mean, self.std)
-        return images.contiguous(memory_format=self.memory_format)
-
-    def log_probabilities(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        """Float32 class log-probabilities of a batch, averaged over the mirror image too when ``tta`` is on.
-
-        Being normalised, they can stand in for logits: cross-entropy, argmax and softmax give the same answers.
-        """
-        inputs = self.inputs(images)
-        with autocast(self.device, self.precision):
-            log_p = model(inputs).float().log_softmax(1)
-            if not self.tta:
-                return log_p
-            mirrored = model(inputs.flip(3)).float().log_softmax(1)
-        return torch.logaddexp(log_p, mirrored) - math.log(2)
+from .transfer import lr_groups, unfreeze_if_due
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    from .transfer import lr_groups
-
-    if config.lr is None:
-        config = replace(config, lr=default_lr(config.arch, config.weights))
     groups = []
     for params, lr in lr_groups(model, config):
         # No weight decay on biases and batch-norm parameters: decaying them only fights the normalisation.
         groups.append({"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay, "lr": lr})
         groups.append({"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": lr})
     groups = [group for group in groups if group["params"]]
-    # Fused kernels update every parameter in one pass: measured 133 -> 27 ms per AdamW step for VGG16 at 32 px
-    # on 2 CPU cores (172 vs 155 img/s at batch 128, 131 vs 103 at batch 64).
+    # Fused kernels update every parameter in one pass: a 5x shorter AdamW step for VGG16 on 2 CPU cores
+    # (benchmarks/RESULTS.md, "Design measurements").
     fused = all(p.device.type in ("cpu", "cuda") for group in groups for p in group["params"])
     if config.optimizer == "sgd":
         nesterov = config.nesterov and config.momentum > 0
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=nesterov, fused=fused)
+        return torch.optim.SGD(groups, lr=config.peak_lr, momentum=config.momentum, nesterov=nesterov, fused=fused)
     if config.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=config.lr, fused=fused)
-    return torch.optim.AdamW(groups, lr=config.lr, fused=fused)
+        return torch.optim.Adam(groups, lr=config.peak_lr, fused=fused)
+    return torch.optim.AdamW(groups, lr=config.peak_lr, fused=fused)
 
 
 @dataclass
@@ -101,6 +62,14 @@ class Totals:
         for tensor in (loss_sum, correct, seen):
             all_reduce_sum(tensor)
         return {"loss_sum": loss_sum.cpu(), "correct": correct.cpu(), "seen": int(seen)}
+
+    def summary(self, images_per_s: float) -> dict[str, float]:
+        """Mean loss, accuracy and images/s over all processes (a collective call under DDP)."""
+        sums = torch.stack([self.loss_sum.double(), self.correct.double()])
+        extra = torch.tensor([self.seen, images_per_s], dtype=torch.float64, device=sums.device)
+        loss_sum, correct, seen, rate = all_reduce_sum(torch.cat([sums, extra])).tolist()
+        seen = max(seen, 1)
+        return {"loss": loss_sum / seen, "accuracy": correct / seen, "images_per_s": rate}
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device) -> Totals:
@@ -135,6 +104,7 @@ def train_one_epoch(
     The returned ``lr`` is the learning rate of the epoch's last optimizer step.
     """
     model.train()
+    transform = functools.partial(augment_batch, config=augment) if augment.enabled else None
     if class_weights is not None:
         class_weights = class_weights.to(step.device)
     totals = totals if totals is not None else Totals.zeros(step.device)
@@ -146,7 +116,7 @@ def train_one_epoch(
     for i, (images, labels) in enumerate(bar, start):
         if len(labels) == 0:
             continue
-        inputs = step.inputs(images, augment)
+        inputs = step.inputs(images, transform)
         labels = labels.to(step.device, non_blocking=True)
         targets = labels
         if mixer is not None:
@@ -167,68 +137,32 @@ def train_one_epoch(
         totals.seen += len(labels)
         if boundary:
             lr = optimizer.param_groups[0]["lr"]
-            if clip_grad_norm:
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            _optimizer_step(model, optimizer, scaler, clip_grad_norm)
             schedule.step()
             if on_step is not None:
                 on_step(totals, i + 1)
         if progress and (i % 10 == 0):
             rate = (totals.seen - seen_before) / (time.perf_counter() - started)
-            bar.set_postfix(
-                loss=f"{totals.loss_sum.item() / totals.seen:.4f}",
-                acc=f"{totals.correct.item() / totals.seen:.4f}",
-                img_s=f"{rate:.1f}",
-            )
-    elapsed = time.perf_counter() - started
-    rate = (totals.seen - seen_before) / elapsed
-    sums = torch.stack([totals.loss_sum.double(), totals.correct.double()])
-    sums = all_reduce_sum(torch.cat([sums, torch.tensor([totals.seen, rate], dtype=torch.float64, device=sums.device)]))
-    loss_sum, correct, seen, rate = sums.tolist()
-    seen = max(seen, 1)
-    return {"loss": loss_sum / seen, "accuracy": correct / seen, "images_per_s": rate, "lr": lr}
+            bar.set_postfix(loss=f"{totals.loss_sum.item() / totals.seen:.4f}",
+                            acc=f"{totals.correct.item() / totals.seen:.4f}", img_s=f"{rate:.1f}")  # fmt: skip
+    rate = (totals.seen - seen_before) / (time.perf_counter() - started)
+    return {**totals.summary(rate), "lr": lr}
 
 
-@torch.inference_mode()
-def evaluate(
-    model: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    step: Step,
-    num_classes: int,
-    progress: bool = False,
-) -> dict:
-    """Loss, accuracy, per-class accuracy and the confusion matrix (rows: true class, columns: predicted)."""
-    model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=step.device)
-    loss_sum = torch.zeros((), device=step.device)
-    for images, labels in tqdm(batches, desc="evaluate", leave=False, disable=not progress, unit="batch"):
-        if len(labels) == 0:
-            continue
-        labels = labels.to(step.device)
-        logits = step.log_probabilities(model, images)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-        confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2).view(
-            num_classes, num_classes
-        )
-    all_reduce_sum(confusion)
-    all_reduce_sum(loss_sum)
-    confusion = confusion.cpu()
-    total = int(confusion.sum())
-    per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
-    return {
-        "loss": loss_sum.item() / max(total, 1),
-        "accuracy": float(confusion.diag().sum()) / max(total, 1),
-        "images": total,
-        "per_class_accuracy": per_class.tolist(),
-        "confusion": confusion.tolist(),
-    }
+def _optimizer_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, clip_grad_norm: float
+) -> None:
+    """Clip (on unscaled gradients), step and clear the gradients."""
+    if clip_grad_norm:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 @dataclass
@@ -244,7 +178,7 @@ class EarlyStopping:
 
     @property
     def mode(self) -> str:
-        return "min" if self.monitor.endswith("loss") else "max"
+        return monitor_mode(self.monitor)
 
     def update(self, value: float, epoch: int) -> bool:
         """Record an epoch's value; returns True when it is a new best."""
@@ -268,99 +202,57 @@ class FitResult:
     stopped_early: bool = False
 
 
-def fit(
-    model: nn.Module,
-    train_batches: Batches | Sized,
-    val_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    config: TrainConfig,
-    step: Step,
-    num_classes: int,
-    on_epoch_end: Callable[[dict[str, float], bool], None] | None = None,
-    progress: bool = True,
-    state: dict[str, Any] | None = None,
-    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
-    class_weights: torch.Tensor | None = None,
-) -> FitResult:
-    """Train for ``config.epochs`` epochs, evaluating after each.
+class Optimisation:
+    """What moves during a run besides the weights: optimizer, schedule, grad scaler, early stopping, history.
 
-    ``on_epoch_end(row, improved)`` receives the epoch's history row and whether the monitored metric improved;
-    it is where the caller saves the best and last models and writes the curves. ``on_checkpoint(state)``
-    receives the full training state after every epoch and every ``config.save_every_steps`` optimizer steps;
-    passing such a ``state`` back in continues the run exactly where it was taken. ``model`` may be wrapped in
-    DistributedDataParallel.
+    ``state_dict`` captures all of it with the model, the batches' position and every process's RNG streams
+    (a collective call under DDP), so ``load_state_dict`` continues the run exactly where it was taken.
     """
-    raw = model.module if isinstance(model, DistributedDataParallel) else model
-    optimizer = make_optimizer(raw, config)
-    steps_per_epoch = -(-max(1, len(train_batches)) // config.accumulate)
-    schedule = make_schedule(optimizer, config, steps_per_epoch)
-    scaler = torch.amp.GradScaler(step.device.type) if step.precision == "fp16" else None
-    stopper = EarlyStopping(config.monitor, config.patience, config.min_delta)
-    mixer = batch_mixer(config.augment, num_classes)
-    result = FitResult()
-    first_epoch, global_step, resumed, best_weights = 1, 0, None, None
-    if state is not None:
-        raw.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if scaler is not None and state["scaler"] is not None:
-            scaler.load_state_dict(state["scaler"])
-        stopper.best, stopper.best_epoch, stopper.bad_epochs = (state["stopper"][k] for k in ("best", "epoch", "bad"))
-        result.history = list(state["history"])
-        first_epoch, global_step, resumed = state["epoch"] + 1, state["global_step"], state["in_epoch"]
-        best_weights = state.get("best_model")
-        if isinstance(train_batches, Batches):
-            train_batches.load_state_dict(state["batches"])
+
+    def __init__(self, model: nn.Module, config: TrainConfig, steps_per_epoch: int, step: Step) -> None:
+        self.model, self.config, self.device = model, config, step.device
+        self.optimizer = make_optimizer(model, config)
+        self.schedule = make_schedule(self.optimizer, config, steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(step.device.type) if step.precision == "fp16" else None
+        self.stopper = EarlyStopping(config.monitor, config.patience, config.min_delta)
+        self.result = FitResult()
+        self.epoch, self.global_step = 0, 0
+        self.best_weights: dict[str, torch.Tensor] | None = None
+
+    def state_dict(self, batches: Sized, in_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "in_epoch": in_epoch,
+            "global_step": self.global_step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "stopper": {"best": self.stopper.best, "epoch": self.stopper.best_epoch, "bad": self.stopper.bad_epochs},
+            "history": self.result.history,
+            "batches": batches.state_dict() if hasattr(batches, "state_dict") else None,
+            "rng": gather(rng_states(self.device)),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], batches: Sized) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.stopper.best, self.stopper.best_epoch, self.stopper.bad_epochs = (
+            state["stopper"][k] for k in ("best", "epoch", "bad")
+        )
+        self.result.history = list(state["history"])
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self.best_weights = state.get("best_model")
+        if state["batches"] is not None and hasattr(batches, "load_state_dict"):
+            batches.load_state_dict(state["batches"])
         # One entry per process: each continues its own dropout and augmentation stream.
         set_rng_states(state["rng"][rank()] if rank() < len(state["rng"]) else state["rng"][0])
 
-    def snapshot(done: int, in_epoch: dict[str, Any] | None) -> dict[str, Any]:
-        return {
-            "epoch": done,
-            "in_epoch": in_epoch,
-            "global_step": global_step,
-            "model": raw.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "stopper": {"best": stopper.best, "epoch": stopper.best_epoch, "bad": stopper.bad_epochs},
-            "history": result.history,
-            "batches": train_batches.state_dict() if isinstance(train_batches, Batches) else None,
-            "rng": gather(rng_states(step.device)),
-        }
-
-    if state is not None and stopper.should_stop:
-        first_epoch, result.stopped_early = config.epochs + 1, True
-    for epoch in range(first_epoch, config.epochs + 1):
-        started = time.perf_counter()
-
-        def on_step(totals: Totals, done: int, epoch: int = epoch) -> None:
-            nonlocal global_step
-            global_step += 1
-            every = config.save_every_steps
-            if on_checkpoint is not None and every and global_step % every == 0 and done < len(train_batches):
-                on_checkpoint(snapshot(epoch - 1, {"totals": totals.state_dict()}))
-
-        train = train_one_epoch(
-            model,
-            train_batches,
-            optimizer,
-            schedule,
-            step,
-            config.augment,
-            config.label_smoothing,
-            scaler,
-            description=f"epoch {epoch}/{config.epochs}",
-            progress=progress,
-            accumulate=config.accumulate,
-            clip_grad_norm=config.clip_grad_norm,
-            start=train_batches.state_dict()["position"] if resumed and isinstance(train_batches, Batches) else 0,
-            totals=Totals.from_state(resumed["totals"], step.device) if resumed and rank() == 0 else None,
-            on_step=on_step,
-            mixer=mixer,
-            class_weights=class_weights,
-        )
-        resumed = None
-        val = evaluate(raw, val_batches, step, num_classes)
+    def record(self, epoch: int, train: dict[str, float], val: dict, seconds: float) -> bool:
+        """Add an epoch's history row; returns whether the monitored metric improved."""
         row = {
             "epoch": epoch,
             "loss": train["loss"],
@@ -369,21 +261,77 @@ def fit(
             "val_accuracy": val["accuracy"],
             "lr": train["lr"],
             "images_per_s": train["images_per_s"],
-            "seconds": time.perf_counter() - started,
+            "seconds": seconds,
         }
-        result.history.append(row)
-        improved = stopper.update(row[config.monitor], epoch)
-        schedule.epoch_end(row[config.monitor])
-        if improved and config.restore_best:
-            best_weights = {name: t.detach().to("cpu", copy=True) for name, t in raw.state_dict().items()}
-        if on_epoch_end is not None:
-            on_epoch_end(row, improved)
-        if on_checkpoint is not None:
-            on_checkpoint(snapshot(epoch, None))
-        if stopper.should_stop:
-            result.stopped_early = True
+        self.result.history.append(row)
+        self.epoch = epoch
+        improved = self.stopper.update(row[self.config.monitor], epoch)
+        self.schedule.epoch_end(row[self.config.monitor])
+        if improved and self.config.restore_best:
+            self.best_weights = {name: t.detach().to("cpu", copy=True) for name, t in self.model.state_dict().items()}
+        return improved
+
+
+def fit(
+    model: nn.Module,
+    train_batches: Sized,
+    val_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    config: TrainConfig,
+    step: Step,
+    num_classes: int,
+    on_epoch_end: Callable[[list[dict[str, float]], bool], None] | None = None,
+    progress: bool = True,
+    state: dict[str, Any] | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    class_weights: torch.Tensor | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> FitResult:
+    """Train for ``config.epochs`` epochs, evaluating after each.
+
+    ``on_epoch_end(history, improved)`` receives the history so far (the epoch's row last) and whether the monitored
+    metric improved: where the caller saves models and curves. ``on_checkpoint(state)`` receives the full
+    training state after every epoch and every ``config.save_every_steps`` optimizer steps; passing such a
+    ``state`` back in continues the run exactly where it was taken. ``model`` may be wrapped in
+    DistributedDataParallel; ``train_batches`` is ``Batches`` or anything with the same ``state_dict`` protocol.
+    """
+    raw = model.module if isinstance(model, DistributedDataParallel) else model
+    run = Optimisation(raw, config, -(-max(1, len(train_batches)) // config.accumulate), step)
+    resumed, start = None, 0
+    if state is not None:
+        run.load_state_dict(state, train_batches)
+        resumed = state["in_epoch"]
+        start = state["batches"]["position"] if resumed and state["batches"] is not None else 0
+        run.result.stopped_early = run.stopper.should_stop
+    mixer = batch_mixer(config.augment, num_classes)
+    for epoch in range(run.epoch + 1, config.epochs + 1):
+        if run.result.stopped_early:
             break
-    if config.restore_best and best_weights is not None:
-        raw.load_state_dict(best_weights)
-    result.best_epoch, result.best_value = stopper.best_epoch, stopper.best
-    return result
+        started = time.perf_counter()
+        unfreeze_if_due(raw, config, epoch, log)
+
+        def on_step(totals: Totals, done: int) -> None:
+            run.global_step += 1
+            every = config.save_every_steps
+            if on_checkpoint is not None and every and run.global_step % every == 0 and done < len(train_batches):
+                on_checkpoint(run.state_dict(train_batches, {"totals": totals.state_dict()}))
+
+        train = train_one_epoch(
+            model, train_batches, run.optimizer, run.schedule, step, config.augment, config.label_smoothing,
+            run.scaler, description=f"epoch {epoch}/{config.epochs}", progress=progress,
+            accumulate=config.accumulate, clip_grad_norm=config.clip_grad_norm,
+            start=start,
+            totals=Totals.from_state(resumed["totals"], step.device) if resumed and rank() == 0 else None,
+            on_step=on_step, mixer=mixer, class_weights=class_weights,
+        )  # fmt: skip
+        resumed, start = None, 0
+        val = evaluate(raw, val_batches, step, num_classes)
+        improved = run.record(epoch, train, val, time.perf_counter() - started)
+        if on_epoch_end is not None:
+            on_epoch_end(run.result.history, improved)
+        if on_checkpoint is not None:
+            on_checkpoint(run.state_dict(train_batches))
+        run.result.stopped_early = run.stopper.should_stop
+    if config.restore_best and run.best_weights is not None:
+        raw.load_state_dict(run.best_weights)
+    run.result.best_epoch, run.result.best_value = run.stopper.best_epoch, run.stopper.best
+    return run.result

@@ -1,45 +1,35 @@
-"""A whole training run: data -> model -> fit -> model files, history, curves and config in RUN_DIR."""
+"""A whole training run, top to bottom: scan the data -> build the model -> batch the images -> fit -> RUN_DIR."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
-import platform
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torchvision
 from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import __version__
+from ..batches import Batches, class_weights, limit_per_class
+from ..checkpoint import ModelInfo
+from ..distributed import World, finish
+from ..distributed import setup as setup_distributed
+from ..errors import UsageError
+from ..inference import Step
+from ..models import build
+from ..report import format_summary
+from ..runtime import pick_device, pick_precision, training_memory_format
+from ..scan import Sample, read_split, scan_folder, stratified_split
 from .augment import image_transform
 from .autobatch import find_batch_size
-from .checkpoint import ModelInfo, atomic_write, save_model
-from .config import TrainConfig, to_dict
-from .data import (
-    Batches,
-    class_weights,
-    limit_per_class,
-    read_split,
-    scan_folder,
-    stratified_split,
-    write_split,
-)
-from .distributed import World, finish
-from .distributed import setup as setup_distributed
-from .engine import FitResult, Step, fit
-from .errors import UsageError
-from .models import build, check_arch
-from .report import format_summary, plot_curves, write_history
-from .runtime import pick_device, pick_precision, training_memory_format
-from .state import load_state, save_state
-from .transfer import cached_fit_inputs, maybe_unfreeze, prepare
+from .config import TrainConfig
+from .features import cached_fit_inputs
+from .loop import FitResult, fit
+from .rundir import RunDir
+from .state import load_state
+from .transfer import prepare
 
 
 @dataclass
@@ -57,20 +47,14 @@ class TrainResult:
         return self.fit.history
 
 
-def _write_json(path: Path, data: dict) -> None:
-    atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(data, indent=2) + "\n"))
+@dataclass
+class Data:
+    """The images of a run: class names, training and validation samples, files skipped while scanning."""
 
-
-def _write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
-    """``skipped.csv`` (path, reason), written even when empty so that "no bad files" is visible too."""
-
-    def write(temp: str) -> None:
-        with open(temp, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "reason"])
-            writer.writerows(skipped)
-
-    atomic_write(path, write)
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    skipped: list[tuple[str, str]]
 
 
 def imbalance_line(counts: dict[str, int], config: TrainConfig) -> str:
@@ -102,7 +86,6 @@ def train(
     the settings that must match). Under torchrun, every process calls this; only rank 0 writes and logs.
     """
     config.validate()
-    check_arch(config.arch)
     state = load_state(config.out) if resume else None
     world, device = setup_distributed(pick_device(config.device))
     if not world.main:
@@ -121,30 +104,115 @@ def train(
     return result
 
 
-def _tensorboard(config: TrainConfig, state: dict | None):
-    if not config.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as error:
-        raise UsageError(
-            "--tensorboard needs the tensorboard package, which is not installed. "
-            "Install it with: pip install 'vgg[tensorboard]' (or pip install tensorboard)."
-        ) from error
-    # purge_step drops events a killed run wrote after its last saved state, so resumed curves do not double back.
-    purge = state["epoch"] + 1 if state is not None else None
-    return SummaryWriter(str(Path(config.out) / "tensorboard"), purge_step=purge)
-
-
 def _train(
-    config: TrainConfig,
-    log: Callable[[str], None],
-    progress: bool,
-    state: dict | None,
-    device: torch.device,
+    config: TrainConfig, log: Callable[[str], None], progress: bool, state: dict | None, device: torch.device,
     world: World,
-) -> TrainResult:
+) -> TrainResult:  # fmt: skip
     precision = pick_precision(config.precision, device)
+    _set_kernels(config, device, world)
+    run_dir = RunDir(config, world.main, log, state)
+    torch.manual_seed(config.seed)
+
+    data = read_data(config)
+    if state is not None and data.classes != run_dir.class_names():
+        raise UsageError(
+            f"Cannot resume {config.out}: {config.data} has classes {data.classes} but the run was trained on "
+            f"{run_dir.class_names()}. Resume with the run's data, or start a new run with another --out."
+        )
+    # Weights are read before the images are decoded: a missing weights file should not cost a decoding pass.
+    model = build(config.arch, num_classes=len(data.classes), image_size=config.image_size, dropout=config.dropout)
+    preprocessing = prepare(model, config, data.classes, log)
+    layout = training_memory_format(device, precision, config.image_size)
+    if config.batch_size == "auto":
+        size = find_batch_size(model, config.image_size, device, precision, len(data.train), layout)
+        config = dataclasses.replace(config, batch_size=size)
+        log(f"batch size: {config.batch_size} (auto: the largest power of two that fits)")
+    train_batches, val_batches = make_batches(config, data, device, world)
+
+    model = model.to(device, memory_format=layout)
+    if config.compile:
+        # In place: the parameter names (and so the model files and training state) stay those of the module.
+        model.compile()
+    if world.distributed:
+        # DDP copies rank 0's initial weights to every process; the other streams (dropout, augmentation) differ.
+        torch.manual_seed(config.seed + world.rank)
+    log(format_summary(config.arch, len(data.classes), config.image_size))
+    counts = usable_counts(data, train_batches, config)
+    log(_data_line(config, data, counts, train_batches, device, precision, world))
+    facts = {"device": str(device), "precision": precision, "world_size": world.world_size}
+    run_dir.start(
+        config, data.classes, data.train, data.val, data.skipped + train_batches.skipped + val_batches.skipped, facts
+    )
+    info = ModelInfo(
+        arch=config.arch, class_names=data.classes, image_size=config.image_size, mean=list(preprocessing.mean),
+        std=list(preprocessing.std), dropout=config.dropout,
+        extra={"weights": preprocessing.source} if preprocessing.source else {},
+    )  # fmt: skip
+    if state is not None:
+        _log_resume(state, config, run_dir, len(train_batches), log)
+
+    step = Step(device, precision, preprocessing.mean, preprocessing.std, memory_format=layout)
+    weights = None
+    if config.class_weight == "auto":
+        labels = torch.arange(len(data.classes)).repeat_interleave(torch.tensor(list(counts.values())))
+        weights = class_weights(labels, len(data.classes))
+        log("class weights: " + ", ".join(f"{n}: {w:.2f}" for n, w in zip(data.classes, weights.tolist(), strict=True)))
+    trained, fit_train, fit_val, fit_step = _fit_inputs(
+        model, train_batches, val_batches, step, config, world, log, progress
+    )
+    result = fit(
+        trained, fit_train, fit_val, config, fit_step, len(data.classes),
+        on_epoch_end=lambda history, improved: run_dir.epoch_end(history, improved, model, info),
+        progress=progress, state=state, on_checkpoint=run_dir.save_state, class_weights=weights, log=log,
+    )  # fmt: skip
+    run_dir.close()
+
+    if result.stopped_early:
+        log(f"stopped early: no {config.monitor} improvement in {config.patience} epochs")
+    skipped = data.skipped + train_batches.skipped + val_batches.skipped
+    run_dir.write_skipped(skipped)
+    if skipped:
+        log(f"skipped {len(skipped)} unreadable files, listed in {run_dir.path / 'skipped.csv'}")
+    if result.best_value is not None:
+        log(f"best {config.monitor} {result.best_value:.4f} at epoch {result.best_epoch}; model: {run_dir.best}")
+    return TrainResult(run_dir.path, run_dir.best, run_dir.last, data.classes, result, skipped, model)
+
+
+def _data_line(
+    config: TrainConfig, data: Data, counts: dict[str, int], batches: Batches, device: torch.device, precision: str,
+    world: World,
+) -> str:  # fmt: skip
+    return (
+        f"classes: {len(data.classes)} ({', '.join(f'{n}: {c}' for n, c in counts.items())})\n"
+        f"{imbalance_line(counts, config)}\n"
+        f"train: {len(data.train)} images ({'in memory' if batches.in_memory else 'streamed'}), "
+        f"validation: {len(data.val)} images, device: {device}, precision: {precision}"
+        + (f", {world.world_size} processes" if world.distributed else "")
+    )
+
+
+def _fit_inputs(
+    model: nn.Module, train_batches: Batches, val_batches: Batches, step: Step, config: TrainConfig, world: World,
+    log: Callable[[str], None], progress: bool,
+) -> tuple:  # fmt: skip
+    """(model to train, training batches, validation batches, step) for ``fit``.
+
+    With a frozen backbone and no augmentation, the classifier alone is fit on features computed once (single
+    process only: each process would otherwise fit its own classifier on its own shard); under DDP the model is
+    wrapped.
+    """
+    cached = (
+        None if world.distributed else cached_fit_inputs(model, train_batches, val_batches, step, config, log, progress)
+    )
+    if cached is not None:
+        return cached
+    if world.distributed:
+        device = step.device
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, train_batches, val_batches, step
+
+
+def _set_kernels(config: TrainConfig, device: torch.device, world: World) -> None:
     if world.distributed and config.unfreeze_at:
         # DDP registers the parameters that need gradients when it wraps the model; later unfreezing is unseen.
         raise UsageError("--unfreeze-at is not supported under torchrun yet: train frozen, then --weights RUN/best...")
@@ -155,16 +223,17 @@ def _train(
     elif device.type == "cuda":
         # Input shapes are fixed for the whole run, so cuDNN's one-off search for the fastest kernels pays back.
         torch.backends.cudnn.benchmark = True
-    writer = _tensorboard(config, state) if world.main else None
-    torch.manual_seed(config.seed)
 
+
+def read_data(config: TrainConfig) -> Data:
+    """Scan the dataset and split it: ``--val`` folder, ``--split`` file, or a seeded stratified split."""
     folder = scan_folder(config.data)
-    skipped_early = list(folder.skipped)
+    skipped = list(folder.skipped)
     if config.val:
         train_samples = folder.samples
         val_folder = scan_folder(config.val, classes=folder.classes)
         val_samples = val_folder.samples
-        skipped_early += val_folder.skipped
+        skipped += val_folder.skipped
     elif config.split:
         train_samples, val_samples = read_split(config.split, folder.classes)
     else:
@@ -172,165 +241,48 @@ def _train(
     if config.max_per_class:
         train_samples = limit_per_class(train_samples, config.max_per_class, config.seed)
         val_samples = limit_per_class(val_samples, max(1, round(config.max_per_class * config.val_fraction)))
-    classes = folder.classes
-    if state is not None:
-        saved = json.loads((Path(config.out) / "config.json").read_text())["class_names"]
-        if classes != saved:
-            raise UsageError(
-                f"Cannot resume {config.out}: {config.data} has classes {classes} but the run was trained on "
-                f"{saved}. Resume with the run's data, or start a new run with another --out."
-            )
+    return Data(folder.classes, train_samples, val_samples, skipped)
 
-    # Weights are read before the images are decoded: a missing weights file should not cost a decoding pass.
-    model = build(config.arch, num_classes=len(classes), image_size=config.image_size, dropout=config.dropout)
-    preprocessing = prepare(model, config, classes, log)
-    layout = training_memory_format(device, precision, config.image_size)
-    if config.batch_size == "auto":
-        config = dataclasses.replace(
-            config,
-            batch_size=find_batch_size(model, config.image_size, device, precision, len(train_samples), layout),
-        )
-        log(f"batch size: {config.batch_size} (auto: the largest power of two that fits)")
+
+def make_batches(config: TrainConfig, data: Data, device: torch.device, world: World) -> tuple[Batches, Batches]:
+    """Training batches (shuffled, augmented per image if asked) and validation batches, sharded under DDP."""
     pin = device.type == "cuda"
     decode_device = device if config.decode == "device" or (config.decode == "auto" and device.type == "cuda") else None
+    common = dict(
+        workers=config.workers, cache=config.cache, pin_memory=pin, rank=world.rank, world_size=world.world_size,
+        decode_device=decode_device,
+    )  # fmt: skip
     train_batches = Batches(
-        train_samples, config.image_size, config.batch_size, shuffle=True, seed=config.seed,
-        workers=config.workers, cache=config.cache, drop_last=True, pin_memory=pin,
-        rank=world.rank, world_size=world.world_size,
-        transform=image_transform(config.augment), sampler=config.sampler, decode_device=decode_device,
+        data.train, config.image_size, config.batch_size, shuffle=True, seed=config.seed, drop_last=True,
+        transform=image_transform(config.augment), sampler=config.sampler, **common,
     )  # fmt: skip
-    val_batches = Batches(
-        val_samples, config.image_size, max(config.batch_size, 128), shuffle=False,
-        workers=config.workers, cache=config.cache, pin_memory=pin,
-        rank=world.rank, world_size=world.world_size, decode_device=decode_device,
-    )  # fmt: skip
+    val_batches = Batches(data.val, config.image_size, max(config.batch_size, 128), shuffle=False, **common)
+    return train_batches, val_batches
 
-    model = model.to(device, memory_format=layout)
-    if config.compile:
-        # In place: the parameter names (and so the model files and training state) stay those of the module.
-        model.compile()
-    if world.distributed:
-        # DDP copies rank 0's initial weights to every process; the other streams (dropout, augmentation) differ.
-        torch.manual_seed(config.seed + world.rank)
-    log(format_summary(config.arch, len(classes), config.image_size))
-    counts = {name: sum(1 for s in train_samples if s.label == i) for i, name in enumerate(classes)}
+
+def usable_counts(data: Data, train_batches: Batches, config: TrainConfig) -> dict[str, int]:
+    """Training images per class; what decoded, not what was listed, when they are in memory.
+
+    Raises:
+        UsageError: a class has no readable training image (it could not be learned).
+    """
+    counts = {name: sum(1 for s in data.train if s.label == i) for i, name in enumerate(data.classes)}
     if train_batches.in_memory:
-        # What decoded, not what was listed: a class whose every file failed to decode cannot be learned.
-        decoded = torch.bincount(train_batches.labels, minlength=len(classes)).tolist()
-        counts = dict(zip(classes, decoded, strict=True))
+        decoded = torch.bincount(train_batches.labels, minlength=len(data.classes)).tolist()
+        counts = dict(zip(data.classes, decoded, strict=True))
     unusable = [name for name, n in counts.items() if n == 0]
     if unusable:
         raise UsageError(
             f"Class {unusable[0]!r} has no usable training images: every file failed to decode (see the warnings "
             f"above). Expected at least one readable image per class in {config.data}/{unusable[0]}/."
         )
-    log(
-        f"classes: {len(classes)} ({', '.join(f'{n}: {c}' for n, c in counts.items())})\n"
-        + imbalance_line(counts, config)
-        + "\n"
-        f"train: {len(train_samples)} images ({'in memory' if train_batches.in_memory else 'streamed'}), "
-        f"validation: {len(val_samples)} images, device: {device}, precision: {precision}"
-        + (f", {world.world_size} processes" if world.distributed else "")
-    )
+    return counts
 
-    run_dir = Path(config.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if world.main:
-        write_split(run_dir / "split.csv", classes, train_samples, val_samples)
-        _write_skipped(run_dir / "skipped.csv", skipped_early + train_batches.skipped + val_batches.skipped)
-        _write_json(
-            run_dir / "config.json",
-            {
-                "config": to_dict(config),
-                "class_names": classes,
-                "seed": config.seed,
-                "device": str(device),
-                "precision": precision,
-                "world_size": world.world_size,
-                "versions": {
-                    "vgg": __version__,
-                    "torch": torch.__version__,
-                    "torchvision": torchvision.__version__,
-                    "python": sys.version.split()[0],
-                    "platform": platform.platform(),
-                },
-            },
-        )
-    info = ModelInfo(
-        arch=config.arch,
-        class_names=classes,
-        image_size=config.image_size,
-        mean=list(preprocessing.mean),
-        std=list(preprocessing.std),
-        dropout=config.dropout,
-        extra={"weights": preprocessing.source} if preprocessing.source else {},
-    )
-    best_path, last_path = run_dir / "best.safetensors", run_dir / "last.safetensors"
-    history: list[dict[str, float]] = list(state["history"]) if state is not None else []
-    if state is not None:
-        done = state["epoch"] + (state["batches"]["position"] / max(1, len(train_batches)) if state["in_epoch"] else 0)
-        log(f"resuming {run_dir} at epoch {done:.2f} of {config.epochs}")
-        if state["epoch"] >= config.epochs:
-            log(f"the run already finished {state['epoch']} epochs: pass --epochs N to train longer")
-        if config.restore_best and best_path.is_file():
-            state["best_model"] = load_file(best_path)
 
-    def on_epoch_end(row: dict[str, float], improved: bool) -> None:
-        history.append(row)
-        if writer is not None:
-            for name in ("loss", "accuracy", "val_loss", "val_accuracy", "lr", "images_per_s"):
-                writer.add_scalar(name, row[name], int(row["epoch"]))
-            writer.flush()
-        maybe_unfreeze(model, config, int(row["epoch"]), log)
-        if not world.main:
-            return
-        save_model(last_path, model, info)
-        if improved:
-            save_model(best_path, model, info)
-        write_history(run_dir / "history.csv", history)
-        plot_curves(run_dir / "curves.png", history)
-        log(
-            f"epoch {int(row['epoch'])}/{config.epochs}: loss {row['loss']:.4f} accuracy {row['accuracy']:.4f} "
-            f"val_loss {row['val_loss']:.4f} val_accuracy {row['val_accuracy']:.4f} "
-            f"({row['images_per_s']:.1f} img/s, {row['seconds']:.0f} s)"
-            + (f"  * best {config.monitor}, saved {best_path}" if improved else "")
-        )
-
-    def on_checkpoint(training_state: dict) -> None:
-        if world.main:
-            save_state(run_dir, training_state)
-
-    step = Step(device, precision, preprocessing.mean, preprocessing.std, memory_format=layout)
-    weights = None
-    if config.class_weight == "auto":
-        labels = torch.arange(len(classes)).repeat_interleave(torch.tensor(list(counts.values())))
-        weights = class_weights(labels, len(classes))
-        log("class weights: " + ", ".join(f"{n}: {w:.2f}" for n, w in zip(classes, weights.tolist(), strict=True)))
-    # With a frozen backbone and no augmentation, fit the classifier alone on features computed once
-    # (single process only: each process would otherwise fit its own classifier on its own shard).
-    cached = (
-        None if world.distributed else cached_fit_inputs(model, train_batches, val_batches, step, config, log, progress)
-    )
-    if cached is not None:
-        trained, fit_train, fit_val, fit_step = cached
-    else:
-        fit_train, fit_val, fit_step = train_batches, val_batches, step
-        trained = model
-        if world.distributed:
-            trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    result = fit(
-        trained, fit_train, fit_val, config, fit_step, len(classes), on_epoch_end, progress, state, on_checkpoint,
-        class_weights=weights,
-    )  # fmt: skip
-    if writer is not None:
-        writer.close()
-    if result.stopped_early:
-        log(f"stopped early: no {config.monitor} improvement in {config.patience} epochs")
-    skipped = skipped_early + train_batches.skipped + val_batches.skipped
-    if world.main:
-        _write_skipped(run_dir / "skipped.csv", skipped)
-    if skipped:
-        log(f"skipped {len(skipped)} unreadable files, listed in {run_dir / 'skipped.csv'}")
-    if result.best_value is not None:
-        log(f"best {config.monitor} {result.best_value:.4f} at epoch {result.best_epoch}; model: {best_path}")
-    return TrainResult(run_dir, best_path, last_path, classes, result, skipped, model)
+def _log_resume(state: dict, config: TrainConfig, run_dir: RunDir, batches: int, log: Callable[[str], None]) -> None:
+    done = state["epoch"] + (state["batches"]["position"] / max(1, batches) if state["in_epoch"] else 0)
+    log(f"resuming {run_dir.path} at epoch {done:.2f} of {config.epochs}")
+    if state["epoch"] >= config.epochs:
+        log(f"the run already finished {state['epoch']} epochs: pass --epochs N to train longer")
+    if config.restore_best and run_dir.best.is_file():
+        state["best_model"] = load_file(run_dir.best)

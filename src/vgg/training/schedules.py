@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, ReduceLROnPlateau
 
-from .config import TrainConfig
+from .config import TrainConfig, monitor_mode
 
 
 class Schedule:
@@ -54,8 +54,9 @@ class Schedule:
 
         self.per_step = LambdaLR(optimizer, factor)
         if self.kind == "plateau":
-            mode = "min" if config.monitor.endswith("loss") else "max"
-            self.plateau = ReduceLROnPlateau(optimizer, mode, factor=config.gamma, patience=config.plateau_patience)
+            self.plateau = ReduceLROnPlateau(
+                optimizer, monitor_mode(config.monitor), factor=config.gamma, patience=config.plateau_patience
+            )
 
     def step(self) -> None:
         # After the warm-up, the plateau schedule leaves the rate to ReduceLROnPlateau: stepping LambdaLR again

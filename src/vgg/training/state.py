@@ -15,18 +15,13 @@ from typing import Any
 
 import torch
 
-from .checkpoint import atomic_write
+from ..errors import UsageError
+from ..files import atomic_write
 from .config import TrainConfig, merge, to_dict
-from .errors import UsageError
+from .settings import resumable
 
 STATE_FILE = "state.pt"
 FORMAT = "vgg.state/1"
-# Settings a resumed run may change: where and how fast it runs, and how far it goes. Everything else defines
-# the model or the optimisation, and changing it would not be the same run.
-RESUMABLE = (
-    "data", "val", "epochs", "patience", "device", "workers", "cache", "decode", "save_every_steps", "tensorboard",
-    "compile",
-)  # fmt: skip
 
 
 def rng_states(device: torch.device) -> dict[str, Any]:
@@ -67,7 +62,7 @@ def load_state(run_dir: str | Path) -> dict[str, Any]:
 
 
 def resume_config(run_dir: str | Path, given: dict[str, Any]) -> TrainConfig:
-    """The saved run's settings, with the few that may change (``RESUMABLE``) taken from ``given``.
+    """The saved run's settings, with the few that may change (declared ``resumable``) taken from ``given``.
 
     Raises:
         UsageError: ``run_dir`` is not a run folder, or ``given`` asks for a different model or recipe.
@@ -92,7 +87,7 @@ def resume_config(run_dir: str | Path, given: dict[str, Any]) -> TrainConfig:
         if key == "out":
             if Path(value).resolve() != run_dir.resolve():
                 raise _clash(run_dir, "out", str(run_dir), value)
-        elif key in RESUMABLE:
+        elif key in resumable(TrainConfig):
             changes[key] = value
         elif key == "augment":
             for name, setting in value.items():
