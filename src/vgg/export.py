@@ -279,7 +279,9 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # onnx raises several unrelated types for a file that is not ONNX
-        raise UsageError(f"{path} is not an ONNX file ({type(error).__name__}). Expected a file from `vgg export`.")
+        raise UsageError(
+            f"{path} is not an ONNX file ({type(error).__name__}). Expected a file from `vgg export`."
+        ) from None
     props = {entry.key: entry.value for entry in proto.metadata_props}
     if METADATA_KEY not in props:
         raise UsageError(f"{path} has no '{METADATA_KEY}' metadata. Expected an ONNX file written by `vgg export`.")

@@ -1,0 +1,507 @@
+"""``vgg serve``: a model behind HTTP (FastAPI + uvicorn), with a web page to try it.
+
+Routes: ``POST /predict`` (one image as the raw body, or several as multipart files), ``GET /health``,
+``GET /model``, ``GET /metrics`` (Prometheus text) and ``GET /`` (the web page, ``web/index.html``).
+
+How a request flows: its bytes are decoded in a worker process (``decode_pool``: a crashing native decoder kills
+a worker, never the server), then its images join a queue that one inference thread empties in micro-batches of
+up to ``max_batch`` images, waiting at most ``max_wait_ms`` for a batch to fill. The event loop itself only moves
+bytes. The numbers are ``vgg predict``'s: same decoding, same resizing, same model call.
+
+Safety: binds to 127.0.0.1 unless told otherwise; limits on body bytes, files per request, pixels and frames per
+image; a bearer token (``--token`` or ``VGG_SERVE_TOKEN``) on every route but ``/health`` and the page itself;
+CORS off unless ``--cors-origin``; a per-client request budget (429 beyond it).
+
+The CPU backend was chosen by measurement: see benchmarks/RESULTS.md ("serving backends").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import importlib.resources
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import ModelInfo
+from .decode_pool import DecodeError, DecoderCrashed, DecoderPool, Limits
+from .errors import UsageError
+from .predict import load
+from .runtime import pick_device
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+    from starlette.exceptions import HTTPException
+    from starlette.middleware.cors import CORSMiddleware
+except ImportError as error:  # the serve extra is optional
+    raise UsageError("vgg serve needs FastAPI and uvicorn: pip install 'vgg[serve]'.") from error
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "onnxruntime")
+# What `auto` means on a CPU; measured in benchmarks/RESULTS.md ("serving backends").
+CPU_BACKEND = "torch"
+TOKEN_ENV = "VGG_SERVE_TOKEN"
+OPEN_PATHS = frozenset({"/health", "/"})  # the page is static; it sends the token with its own requests
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+STATUS = {
+    "empty": 400,
+    "bad_request": 400,
+    "unauthorized": 401,
+    "body_too_large": 413,
+    "too_many_files": 413,
+    "too_many_pixels": 413,
+    "too_many_frames": 413,
+    "wrong_content_type": 415,
+    "not_an_image": 422,
+    "truncated": 422,
+    "corrupt": 422,
+    "decoder_crashed": 422,
+    "rate_limited": 429,
+    "busy": 503,
+}
+
+
+@dataclass
+class ServeConfig:
+    """Everything ``vgg serve`` can be told; the defaults are the command's."""
+
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 2
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    backend: str = "auto"
+    device: str = "auto"
+    token: str | None = None
+    cors_origin: str | None = None
+    top_k: int = 5
+    max_body_bytes: int = 20 * 1024**2
+    max_files: int = 16
+    limits: Limits = field(default_factory=Limits)
+    rate_limit: int = 600  # requests per client per minute; 0: no limit
+    queue_size: int = 1024
+
+
+class ApiError(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+class Metrics:
+    """Prometheus text by hand: four metrics do not need a client library."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, int]] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.batches = [0] * (len(BATCH_BUCKETS) + 1)
+        self.batch_sum = 0
+
+    def observe_request(self, path: str, status: int, seconds: float) -> None:
+        self.requests[(path, status)] += 1
+        if path == "/predict":
+            self.latency[_bucket(LATENCY_BUCKETS, seconds)] += 1
+            self.latency_sum += seconds
+
+    def observe_batch(self, size: int) -> None:
+        self.batches[_bucket(BATCH_BUCKETS, size)] += 1
+        self.batch_sum += size
+
+    def render(self) -> str:
+        lines = ["# TYPE vgg_requests_total counter"]
+        for (path, status), n in sorted(self.requests.items()):
+            lines.append(f'vgg_requests_total{{path="{path}",status="{status}"}} {n}')
+        lines.append("# TYPE vgg_errors_total counter")
+        lines += [f'vgg_errors_total{{kind="{kind}"}} {n}' for kind, n in sorted(self.errors.items())]
+        lines += _histogram("vgg_request_seconds", LATENCY_BUCKETS, self.latency, self.latency_sum)
+        lines += _histogram("vgg_batch_size", BATCH_BUCKETS, self.batches, self.batch_sum)
+        return "\n".join(lines) + "\n"
+
+
+def _bucket(bounds: tuple, value: float) -> int:
+    return next((i for i, bound in enumerate(bounds) if value <= bound), len(bounds))
+
+
+def _histogram(name: str, bounds: tuple, counts: list[int], total: float) -> list[str]:
+    lines, running = [f"# TYPE {name} histogram"], 0
+    for bound, n in zip([*bounds, math.inf], counts, strict=True):
+        running += n
+        lines.append(f'{name}_bucket{{le="{"+Inf" if bound == math.inf else bound}"}} {running}')
+    return [*lines, f"{name}_sum {total}", f"{name}_count {running}"]
+
+
+class RateLimiter:
+    """A token bucket per client: ``per_minute`` requests, refilled continuously; a bounded table of clients."""
+
+    def __init__(self, per_minute: int, max_clients: int = 10_000):
+        self.capacity = float(per_minute)
+        self.refill = per_minute / 60.0
+        self.max_clients = max_clients
+        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def allow(self, client: str, now: float) -> bool:
+        tokens, last = self.buckets.pop(client, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - last) * self.refill)
+        allowed = tokens >= 1.0
+        self.buckets[client] = (tokens - 1.0 if allowed else tokens, now)
+        if len(self.buckets) > self.max_clients:
+            self.buckets.popitem(last=False)  # the least recently seen client starts afresh
+        return allowed
+
+
+class Backend:
+    """Runs the model on a batch of uint8 N x 3 x S x S images and returns N x C float probabilities."""
+
+    name: str
+    info: ModelInfo
+    details: dict[str, Any]
+    run: Callable[[torch.Tensor], np.ndarray]
+
+
+def make_backend(model: str, backend: str, device: str) -> Backend:
+    """``torch``: ``vgg.load`` (what ``vgg predict`` runs); ``onnxruntime``: an ONNX file, exported if need be."""
+    if backend not in BACKENDS:
+        raise UsageError(f"backend must be one of {', '.join(BACKENDS)}. Received: backend={backend!r}.")
+    is_onnx = str(model).endswith(".onnx")
+    if backend == "auto":
+        if is_onnx:
+            backend = "onnxruntime"
+        else:
+            backend = "torch" if pick_device(device).type == "cuda" else CPU_BACKEND
+    if is_onnx and backend == "torch":
+        raise UsageError(f"{model} is an ONNX file: serve it with --backend onnxruntime (or give a .safetensors).")
+    result = Backend()
+    result.name = backend
+    if backend == "torch":
+        classifier = load(model, device=device)
+        result.info = classifier.info
+        result.details = {"device": str(classifier.device), "precision": classifier.step.precision}
+        result.run = lambda images: classifier.probabilities(images).numpy()
+        return result
+    from .export import export, info_from_metadata, onnx_session, read_onnx_metadata
+
+    path = Path(model)
+    if not is_onnx:
+        # Exported once per start, into a temp folder: the ONNX file is a derived artefact of the model file.
+        folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"vgg-serve-{os.getpid()}"
+        path = export(model, "onnx", out=folder / "model.onnx").path
+    result.info = info_from_metadata(read_onnx_metadata(path))
+    session = onnx_session(path)
+    result.details = {"device": "cpu", "precision": "fp32", "onnx_file": str(path)}
+    result.run = lambda images: session.run(None, {"image": images.float().div(255).numpy()})[0]
+    return result
+
+
+class MicroBatcher:
+    """Collects single images from concurrent requests into batches for one inference thread."""
+
+    def __init__(self, run: Callable[[torch.Tensor], np.ndarray], max_batch: int, max_wait_ms: float, size: int):
+        self.run = run
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000
+        self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue(size)
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="vgg-inference")
+        self.on_batch: Callable[[int], None] = lambda n: None
+
+    async def predict(self, image: np.ndarray) -> np.ndarray:
+        future = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait((image, future))
+        except asyncio.QueueFull:
+            raise ApiError("busy", "the server is busy: too many images waiting; try again shortly") from None
+        return await future
+
+    async def loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            deadline = loop.time() + self.max_wait
+            while len(items) < self.max_batch:
+                if not self.queue.empty():
+                    items.append(self.queue.get_nowait())
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    items.append(await asyncio.wait_for(self.queue.get(), remaining))
+                except TimeoutError:
+                    break
+            items = [(image, future) for image, future in items if not future.done()]  # clients that left
+            if not items:
+                continue
+            batch = torch.from_numpy(np.stack([image for image, _ in items]))
+            self.on_batch(len(items))
+            try:
+                probabilities = await loop.run_in_executor(self.thread, self.run, batch)
+            except Exception as error:  # noqa: BLE001  one failed batch answers its requests, not the server
+                log.exception("inference failed")
+                for _, future in items:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            for (_, future), row in zip(items, probabilities, strict=True):
+                if not future.done():
+                    future.set_result(row)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: a body (chunked or not) past ``limit`` bytes stops being read and is answered 413."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise BodyTooLarge()
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def predictions(probabilities: np.ndarray, names: list[str], class_names: list[str], top_k: int) -> list[dict]:
+    """One ``Prediction.as_dict()``-shaped answer per image, as ``vgg predict --json`` prints them."""
+    k = min(top_k, len(class_names))
+    values, indices = torch.from_numpy(np.asarray(probabilities, dtype=np.float32)).topk(k, dim=1)
+    out = []
+    for name, vals, idxs in zip(names, values.tolist(), indices.tolist(), strict=True):
+        top = [{"label": class_names[i], "probability": p} for i, p in zip(idxs, vals, strict=True)]
+        out.append({"image": name, "label": top[0]["label"], "probability": top[0]["probability"], "top_k": top})
+    return out
+
+
+def _error(kind: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": kind, "message": message}, status_code=STATUS[kind])
+
+
+def create_app(config: ServeConfig) -> FastAPI:
+    """The application; model, decoder processes and batcher start with it (FastAPI lifespan)."""
+    token = config.token or os.environ.get(TOKEN_ENV) or None
+    metrics = Metrics()
+    limiter = RateLimiter(config.rate_limit) if config.rate_limit > 0 else None
+    state: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        backend = make_backend(config.model, config.backend, config.device)
+        pool = DecoderPool(config.workers, backend.info, config.limits)
+        batcher = MicroBatcher(backend.run, config.max_batch, config.max_wait_ms, config.queue_size)
+        batcher.on_batch = metrics.observe_batch
+        await pool.warm_up()
+        task = asyncio.create_task(batcher.loop())
+        state.update(backend=backend, pool=pool, batcher=batcher)
+        log.warning("vgg serve: %s (%s) on http://%s:%d", config.model, backend.name, config.host, config.port)
+        try:
+            yield
+        finally:
+            task.cancel()
+            pool.close()
+            batcher.thread.shutdown(wait=False)
+
+    app = FastAPI(title="vgg", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    page = importlib.resources.files("vgg").joinpath("web/index.html").read_text()
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable) -> Any:
+        start = time.perf_counter()
+        path = request.url.path
+        if token and path not in OPEN_PATHS and request.method != "OPTIONS":
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                response = _error("unauthorized", "missing or wrong token: send 'Authorization: Bearer <token>'")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return _count(response, path, start, "unauthorized")
+        client = request.client.host if request.client else "?"
+        if limiter and path not in OPEN_PATHS and not limiter.allow(client, time.monotonic()):
+            response = _error("rate_limited", f"more than {config.rate_limit} requests a minute from {client}")
+            response.headers["Retry-After"] = "1"
+            return _count(response, path, start, "rate_limited")
+        response = await call_next(request)
+        return _count(response, path, start, response.headers.get("x-vgg-error"))
+
+    def _count(response: Any, path: str, start: float, kind: str | None) -> Any:
+        if kind:
+            metrics.errors[kind] += 1
+        known = path if path in {"/", "/predict", "/health", "/model", "/metrics"} else "other"
+        metrics.observe_request(known, response.status_code, time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        response = _error(error.kind, str(error))
+        response.headers["x-vgg-error"] = error.kind
+        return response
+
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(request: Request, error: BodyTooLarge) -> JSONResponse:
+        return await api_error(request, ApiError("body_too_large", f"body over {config.max_body_bytes:,} bytes"))
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> str:
+        return page
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok" if "batcher" in state else "starting"}
+
+    @app.get("/model")
+    async def model() -> dict:
+        backend: Backend = state["backend"]
+        info = backend.info
+        return {
+            "arch": info.arch,
+            "classes": info.class_names,
+            "input_size": info.image_size,
+            "preprocessing": {"resize": info.resize, "mean": info.mean, "std": info.std, **info.extra},
+            "backend": backend.name,
+            **backend.details,
+            "max_batch": config.max_batch,
+            "max_wait_ms": config.max_wait_ms,
+            "limits": {
+                "max_body_bytes": config.max_body_bytes,
+                "max_files": config.max_files,
+                "max_pixels": config.limits.max_pixels,
+                "max_frames": config.limits.max_frames,
+            },
+            "versions": _versions(),
+        }
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus() -> str:
+        return metrics.render()
+
+    @app.post("/predict")
+    async def predict(request: Request, top_k: int | None = None) -> dict:
+        k = config.top_k if top_k is None else top_k
+        if not 1 <= k <= 1000:
+            raise ApiError("bad_request", f"top_k must be between 1 and 1000. Received: top_k={top_k}.")
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > config.max_body_bytes:
+            raise ApiError("body_too_large", f"body of {int(length):,} bytes, the limit is {config.max_body_bytes:,}")
+        names, blobs = await _read_images(request, config.max_files)
+        pool: DecoderPool = state["pool"]
+        batcher: MicroBatcher = state["batcher"]
+        images = await asyncio.gather(*(_decode(pool, name, blob) for name, blob in zip(names, blobs, strict=True)))
+        rows = await asyncio.gather(*(batcher.predict(image) for image in images))
+        info = state["backend"].info
+        return {"predictions": predictions(np.stack(rows), names, info.class_names, k)}
+
+    return BodyLimit(_with_cors(app, config.cors_origin), config.max_body_bytes)
+
+
+def _with_cors(app: FastAPI, origin: str | None) -> FastAPI:
+    if origin:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=[origin],
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    return app
+
+
+async def _read_images(request: Request, max_files: int) -> tuple[list[str], list[bytes]]:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type.startswith("image/"):
+        body = await request.body()
+        if not body:
+            raise ApiError("empty", "empty body: expected the bytes of an image file")
+        return [""], [body]
+    if content_type == "multipart/form-data":
+        try:
+            form = await request.form(max_files=max_files, max_fields=max_files)
+        except HTTPException as error:
+            kind = "too_many_files" if "Too many" in str(error.detail) else "bad_request"
+            raise ApiError(kind, f"{error.detail} (at most {max_files} files per request)") from None
+        files = [(key, value) for key, value in form.multi_items() if not isinstance(value, str)]
+        if not files:
+            raise ApiError("empty", "no files in the form: expected one or more image files")
+        names, blobs = [], []
+        for _, upload in files:
+            names.append(upload.filename or "")
+            blobs.append(await upload.read())
+            await upload.close()
+        return names, blobs
+    raise ApiError(
+        "wrong_content_type",
+        f"Content-Type must be image/* (one image as the body) or multipart/form-data. Received: {content_type!r}.",
+    )
+
+
+async def _decode(pool: DecoderPool, name: str, blob: bytes) -> np.ndarray:
+    label = f"{name}: " if name else ""
+    if not blob:
+        raise ApiError("empty", f"{label}empty file (0 bytes)")
+    try:
+        return await pool.decode(blob)
+    except DecodeError as error:
+        raise ApiError(error.kind, f"{label}{error}") from None
+    except DecoderCrashed:
+        raise ApiError("decoder_crashed", f"{label}decoder crashed on this image (a corrupt file)") from None
+
+
+def _versions() -> dict[str, str]:
+    import torchvision
+
+    versions = {"vgg": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    versions["torchvision"] = torchvision.__version__
+    if "onnxruntime" in sys.modules:
+        versions["onnxruntime"] = sys.modules["onnxruntime"].__version__
+    return versions
+
+
+def serve(config: ServeConfig) -> None:
+    """Run the server until interrupted."""
+    import uvicorn
+
+    if config.max_batch < 1 or config.workers < 1 or config.max_wait_ms < 0:
+        raise UsageError(
+            "--max-batch and --workers must be at least 1 and --max-wait-ms at least 0. Received: "
+            f"max_batch={config.max_batch}, workers={config.workers}, max_wait_ms={config.max_wait_ms}."
+        )
+    if config.host not in ("127.0.0.1", "localhost", "::1") and not (config.token or os.environ.get(TOKEN_ENV)):
+        log.warning("vgg serve: listening on %s without a token: anyone who can reach it can use it", config.host)
+    uvicorn.run(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        log_level="warning",
+        server_header=False,
+        timeout_keep_alive=5,
+        limit_concurrency=config.queue_size,
+    )

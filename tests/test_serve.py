@@ -1,0 +1,349 @@
+"""vgg serve as a user runs it: a real subprocess on a free loopback port, called over HTTP (and from a browser)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vgg import cli
+from vgg.checkpoint import ModelInfo, save_model
+from vgg.models import build
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+CLASSES = ["cat", "dog", "fox"]
+TOKEN = "s3cret-token"
+ORIGIN = "http://allowed.example"
+# bf16 on CPUs with native bf16 (as `vgg predict` runs there): the same image in a batch of another size may round
+# differently; fp32 elsewhere gives equal numbers to ~1e-7.
+PROBABILITY_TOLERANCE = 2e-3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(model: Path, *args: str, env: dict | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vgg", "serve", str(model), "--port", str(port), "--workers", "1", *args],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited: {proc.stdout.read().decode(errors='replace')}")
+            with contextlib.suppress(OSError):
+                if _get(url + "/health")[0] == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise AssertionError("server did not become healthy in 120 s")
+            time.sleep(0.5)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _request(url: str, data: bytes | None = None, headers: dict | None = None, method: str | None = None):
+    request = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def _get(url: str, headers: dict | None = None) -> tuple[int, dict]:
+    status, _, body = _request(url, headers=headers)
+    return status, (json.loads(body) if body.startswith(b"{") else {"text": body.decode()})
+
+
+def _post_image(url: str, data: bytes, content_type: str = "image/png", headers: dict | None = None):
+    status, _, body = _request(url + "/predict", data, {"Content-Type": content_type, **(headers or {})})
+    return status, json.loads(body)
+
+
+def _post_files(url: str, files: list[tuple[str, bytes]], query: str = "", headers: dict | None = None):
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, data in files:
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n".encode()
+            + data
+            + b"\r\n"
+        )
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    content_type = f"multipart/form-data; boundary={boundary}"
+    status, _, out = _request(url + "/predict" + query, body, {"Content-Type": content_type, **(headers or {})})
+    return status, json.loads(out)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def crashing_png() -> bytes:
+    """A PNG with valid CRCs whose IDAT zlib stream has invalid Huffman code lengths.
+
+    libpng reports "too many length or distance symbols"; torchvision 0.29's ``decode_image`` then segfaults.
+    """
+    header = struct.pack(">IIBBBBB", 32, 32, 8, 2, 0, 0, 0)
+    stream = zlib.compress(b"\x00" + b"\x07" * 96, 9)
+    bad = stream[:2] + b"\x05" + b"\xff" * 40 + stream[-4:]
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", bad) + _chunk(b"IEND", b"")
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + _chunk(b"IEND", b"")
+    )
+
+
+def _gif(frames: int) -> bytes:
+    images = [Image.new("RGB", (4, 4), (2 * i % 256, 255 - i, 0)) for i in range(frames)]  # distinct: kept
+    out = io.BytesIO()
+    images[0].save(out, format="GIF", save_all=True, append_images=images[1:], duration=10)
+    return out.getvalue()
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    """Images of different sizes and kinds, as a user would send them."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    paths = {}
+    for name, size in (("red.png", (40, 50)), ("noise.jpg", (64, 48)), ("grey.png", (20, 33))):
+        pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+        if name == "red.png":
+            pixels[..., 0] = 230
+        image = Image.fromarray(pixels)
+        if name == "grey.png":
+            image = image.convert("L")
+        image.save(folder / name)
+        paths[name] = folder / name
+    return paths
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_model(
+        path, build("vgg11", num_classes=3, image_size=32), ModelInfo("vgg11", CLASSES, 32, [0.5] * 3, [0.25] * 3)
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model_file) -> Iterator[tuple[str, subprocess.Popen]]:
+    args = ["--rate-limit", "0", "--max-files", "4", "--max-body-mb", "1", "--max-pixels", "1000000"]
+    with running_server(model_file, *args, "--max-wait-ms", "30") as running:
+        yield running
+
+
+def _vgg_predict_json(model: Path, paths: list[Path], capsys) -> list[dict]:
+    capsys.readouterr()
+    assert cli.main(["predict", str(model), *map(str, paths), "--json", "--top-k", "3"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _same(served: dict, expected: dict) -> None:
+    assert served["label"] == expected["label"]
+    assert [t["label"] for t in served["top_k"]] == [t["label"] for t in expected["top_k"]]
+    for got, want in zip(served["top_k"], expected["top_k"], strict=True):
+        assert got["probability"] == pytest.approx(want["probability"], abs=PROBABILITY_TOLERANCE)
+
+
+def test_good_images_answer_as_vgg_predict_does(server, model_file, images, capsys):
+    url, _ = server
+    paths = list(images.values())
+    expected = _vgg_predict_json(model_file, paths, capsys)
+    status, answer = _post_files(url, [(p.name, p.read_bytes()) for p in paths], query="?top_k=3")
+    assert status == 200
+    assert [p["image"] for p in answer["predictions"]] == [p.name for p in paths]
+    for served, want in zip(answer["predictions"], expected, strict=True):
+        _same(served, want)
+    status, one = _post_image(url, images["noise.jpg"].read_bytes(), "image/jpeg")
+    assert status == 200 and len(one["predictions"]) == 1
+    _same({**one["predictions"][0], "top_k": one["predictions"][0]["top_k"][:3]}, expected[1])
+
+
+def test_model_and_metrics_describe_the_server(server):
+    url, _ = server
+    status, model = _get(url + "/model")
+    assert status == 200 and model["classes"] == CLASSES and model["input_size"] == 32 and model["arch"] == "vgg11"
+    assert model["preprocessing"]["mean"] == [0.5] * 3 and model["versions"]["torch"] == torch.__version__
+    status, metrics = _get(url + "/metrics")
+    assert (
+        status == 200 and "vgg_request_seconds_bucket" in metrics["text"] and "vgg_batch_size_count" in metrics["text"]
+    )
+
+
+BAD_INPUTS = [
+    ("empty body", (b"", "image/png"), 400, "empty"),
+    ("text as an image", (b"hello, this is not a picture\n" * 4, "image/png"), 422, "not_an_image"),
+    ("truncated png", (None, "image/png"), 422, "truncated"),
+    ("too many pixels", (_png_claiming(2000, 2000), "image/png"), 413, "too_many_pixels"),
+    ("too many frames", (_gif(101), "image/gif"), 413, "too_many_frames"),
+    ("wrong content type", (b"{}", "application/json"), 415, "wrong_content_type"),
+    ("body too large", (b"\x89PNG" + b"\0" * (2 * 1024**2), "image/png"), 413, "body_too_large"),
+    ("crashing decoder", (crashing_png(), "image/png"), 422, "decoder_crashed"),
+]
+
+
+def _send_bad(url: str, name: str, payload: tuple, good: bytes) -> tuple[int, dict]:
+    data, content_type = payload
+    if data is None:  # the truncated file: half of a good one
+        data = good[: len(good) // 2]
+    return _post_image(url, data, content_type)
+
+
+def test_each_bad_input_gets_its_4xx_and_the_server_stays_healthy_and_small(server, images):
+    url, proc = server
+    good = images["red.png"].read_bytes()
+    for name, payload, status, kind in BAD_INPUTS:
+        got, answer = _send_bad(url, name, payload, good)
+        assert (got, answer.get("error")) == (status, kind), (name, answer)
+        assert answer["message"], name
+        assert _get(url + "/health") == (200, {"status": "ok"}), f"unhealthy after {name}"
+    got, answer = _post_files(url, [(f"{i}.png", good) for i in range(5)])
+    assert (got, answer["error"]) == (413, "too_many_files")
+    # Memory: after one warm-up round, five more rounds of every bad input leave the server's size about the same.
+    before = _rss_kb(proc.pid)
+    for _ in range(5):
+        for name, payload, _, _ in BAD_INPUTS:
+            if name != "crashing decoder":  # each crash restarts the decoder (0.3 s); once is proof enough
+                _send_bad(url, name, payload, good)
+    grown_mb = (_rss_kb(proc.pid) - before) / 1024
+    assert grown_mb < 40, f"server grew by {grown_mb:.0f} MB on bad input"
+    assert _post_image(url, good)[0] == 200
+    status, metrics = _get(url + "/metrics")
+    assert 'vgg_errors_total{kind="decoder_crashed"}' in metrics["text"]
+
+
+def test_a_concurrent_burst_is_all_answered_in_micro_batches(server, images):
+    url, _ = server
+    data = images["red.png"].read_bytes()
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda _: _post_image(url, data), range(48)))
+    assert [status for status, _ in results] == [200] * 48
+    assert len({r["predictions"][0]["label"] for _, r in results}) == 1
+    text = _get(url + "/metrics")[1]["text"]
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
+    singles, batches = values['vgg_batch_size_bucket{le="1"}'], values["vgg_batch_size_count"]
+    assert batches > singles, "no batch of more than one image was formed"
+
+
+def test_without_cors_origin_no_cors_headers(server):
+    url, _ = server
+    status, headers, _ = _request(url + "/model", headers={"Origin": ORIGIN})
+    assert status == 200 and "access-control-allow-origin" not in {k.lower() for k in headers}
+
+
+@pytest.fixture(scope="module")
+def guarded(model_file) -> Iterator[str]:
+    """A server with a token (from the environment), one allowed CORS origin and a small request budget."""
+    args = ["--cors-origin", ORIGIN, "--rate-limit", "30"]
+    with running_server(model_file, *args, env={"VGG_SERVE_TOKEN": TOKEN}) as (url, _):
+        yield url
+
+
+def test_token_is_required_everywhere_but_health(guarded, images):
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert _get(guarded + "/health")[0] == 200
+    for path in ("/model", "/metrics"):
+        assert _get(guarded + path)[0] == 401
+        assert _get(guarded + path, {"Authorization": "Bearer wrong"})[0] == 401
+        assert _get(guarded + path, auth)[0] == 200
+    data = images["red.png"].read_bytes()
+    status, answer = _post_image(guarded, data)
+    assert (status, answer["error"]) == (401, "unauthorized")
+    assert _post_image(guarded, data, headers=auth)[0] == 200
+
+
+def test_cors_allows_only_the_named_origin(guarded):
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST"}
+    status, headers, _ = _request(guarded + "/predict", headers=preflight, method="OPTIONS")
+    lower = {k.lower(): v for k, v in headers.items()}
+    assert status == 200 and lower["access-control-allow-origin"] == ORIGIN
+    other = {**preflight, "Origin": "http://evil.example"}
+    status, headers, _ = _request(guarded + "/predict", headers=other, method="OPTIONS")
+    assert "access-control-allow-origin" not in {k.lower() for k in headers}
+
+
+def test_web_page_shows_the_top_class_vgg_predict_gives(server, model_file, images, capsys):
+    from browser import headless_chromium
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = server
+    path = images["noise.jpg"]
+    expected = _vgg_predict_json(model_file, [path], capsys)[0]["label"]
+    with headless_chromium() as driver:
+        # A phone's screen (headless windows have a minimum width, so the viewport is emulated).
+        metrics = {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True}
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+        driver.get(url + "/")
+        WebDriverWait(driver, 30).until(lambda d: "classes" in d.find_element(By.ID, "model").text)
+        driver.find_element(By.ID, "files").send_keys(str(path))
+        result = WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".result .row .label"))
+        assert result[0].text == expected
+        assert driver.execute_script("return document.documentElement.scrollWidth") <= 390  # no sideways scrolling
+
+
+def test_rate_limit_answers_429(guarded):
+    # Last in the file: it spends the guarded server's budget (30 a minute) for this client.
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    statuses = [_get(guarded + "/model", auth)[0] for _ in range(40)]
+    assert set(statuses) == {200, 429} and statuses[-1] == 429
+    assert _get(guarded + "/health")[0] == 200  # health checks are never limited
