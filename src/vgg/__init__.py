@@ -26,6 +26,8 @@ _EXPORTS = {
     "AugmentConfig": "training.augment",
     "train": "training.run",
     "load": "predict",
+    "import_keras": "keras_import",
+    "load_keras": "keras_import",
     "Classifier": "predict",
     "Prediction": "predict",
     "save_model": "checkpoint",

@@ -135,7 +135,11 @@ def _add_tta(p: argparse.ArgumentParser) -> None:
 
 def _add_predict(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("predict", help="predict the class of images with a trained model")
-    p.add_argument("model", help="a .safetensors model file written by `vgg train`, or imagenet:ARCH (e.g. vgg16)")
+    p.add_argument(
+        "model",
+        help="a .safetensors model file written by `vgg train`, imagenet:ARCH (e.g. vgg16), "
+        "or a Keras VGG .h5/.keras file",
+    )
     p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument("--top-k", type=int, default=1, help="show the k most likely classes; default 1")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -161,7 +165,11 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("evaluate", help="loss, accuracy and per-class accuracy on a labelled folder")
-    p.add_argument("model", help="a .safetensors model file written by `vgg train`, or imagenet:ARCH (e.g. vgg16)")
+    p.add_argument(
+        "model",
+        help="a .safetensors model file written by `vgg train`, imagenet:ARCH (e.g. vgg16), "
+        "or a Keras VGG .h5/.keras file",
+    )
     p.add_argument("data", help="labelled folder DATA/<class>/<image> with the model's classes")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--batch-size", type=int, default=64)
@@ -216,6 +224,28 @@ def _doctor(args: argparse.Namespace) -> int:
     return 1 if report["problems"] else 0
 
 
+def _add_import_keras(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("import-keras", help="convert a Keras VGG (.h5, .weights.h5, .keras) to a vgg model file")
+    p.add_argument("file", help="a Keras VGG16/VGG19 model or weights file (nothing in it is executed)")
+    p.add_argument("--classes", help="class names in output order, comma-separated (default: class_indices.json "
+                   "beside the file, else class_0, class_1, ...)")  # fmt: skip
+    p.add_argument("--out", help="model file to write; default: FILE with the suffix .safetensors")
+    p.add_argument("--preprocessing", choices=["auto", "raw", "caffe"], default="auto",
+                   help="what the Keras model was fed: raw 0-255 RGB (the tutorial) or caffe (keras.applications' "
+                   "preprocess_input); auto: caffe for keras.applications' layer names, else raw")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace the output file if it exists")
+    p.set_defaults(run=_import_keras)
+
+
+def _import_keras(args: argparse.Namespace) -> int:
+    from .keras_import import import_keras
+
+    classes = [name.strip() for name in args.classes.split(",")] if args.classes else None
+    out, info = import_keras(args.file, args.out, classes, args.preprocessing, overwrite=args.force)
+    print(f"wrote {out}: {info.extra['imported_from']}; classes: {', '.join(info.class_names)}")
+    return 0
+
+
 def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     """The ``vgg`` parser; ``train_flags=False`` leaves out ``vgg train``'s settings (and the training import)."""
     parser = _Parser(prog="vgg", description="Train, evaluate and use VGG image classifiers on folders of images.")
@@ -224,7 +254,7 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_summary(commands)
     _add_train(commands, train_flags)
-    for add in (_add_predict, _add_evaluate, _add_datasets, _add_doctor):
+    for add in (_add_predict, _add_evaluate, _add_datasets, _add_doctor, _add_import_keras):
         add(commands)
     return parser
 

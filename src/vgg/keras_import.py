@@ -378,6 +378,8 @@ def load_keras(
         )
     names = class_names or find_class_names(path, keras.num_classes)
     names = names or [f"class_{i}" for i in range(keras.num_classes)]
+    if "" in names or len(set(names)) != len(names):
+        raise UsageError(f"Class names must be distinct and not empty. Received: {','.join(names)}.")
     model = build(keras.arch, num_classes=keras.num_classes, image_size=keras.image_size, init_weights=False)
     model.load_state_dict(keras.state_dict)
     info = ModelInfo(

@@ -22,6 +22,8 @@ from .decoding import decode
 from .errors import UsageError
 from .imagenet import imagenet_samples, is_imagenet, load_imagenet
 from .inference import Step, evaluate, fit_to_model
+from .keras_files import is_keras_file
+from .keras_import import load_keras
 from .runtime import pick_device, pick_precision
 from .scan import image_files, scan_folder
 
@@ -167,11 +169,17 @@ class Classifier:
 
 
 def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: bool = False) -> Classifier:
-    """Load a model file written by ``vgg train``, or ``imagenet:ARCH`` for torchvision's ImageNet classifier.
+    """Load a model file written by ``vgg train``, ``imagenet:ARCH`` for torchvision's ImageNet classifier, or a Keras
+    VGG file (converted in memory as ``vgg import-keras`` converts it; class names from a class-indices file).
 
     No code from a file is executed. ``tta``: see ``Classifier``.
     """
-    model, info = load_imagenet(str(path)) if is_imagenet(path) else load_model(path)
+    if is_imagenet(path):
+        model, info = load_imagenet(str(path))
+    elif is_keras_file(path):
+        model, info = load_keras(path)
+    else:
+        model, info = load_model(path)
     return Classifier(model, info, device, precision, tta)
 
 

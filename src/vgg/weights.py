@@ -1,4 +1,5 @@
-"""Weight files to start from: torchvision's ImageNet weights (downloaded once, cached), .pth/.pt and .safetensors.
+"""Weight files to start from: torchvision's ImageNet weights (downloaded once, cached), .pth/.pt, .safetensors and
+Keras VGG files (``.h5``, ``.weights.h5``, ``.keras``; read by ``keras_import``).
 
 ImageNet weights are torchvision's (``VGG16_Weights.IMAGENET1K_V1`` and its siblings), fetched through
 torchvision's own download and cache (``$TORCH_HOME/hub/checkpoints``, default ``~/.cache/torch``), so a file
@@ -21,6 +22,8 @@ from safetensors.torch import load_file
 
 from .checkpoint import FORMAT, read_info
 from .errors import UsageError
+from .keras_files import is_keras_file
+from .keras_import import find_class_names, read_keras
 from .models import check_arch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -107,7 +110,8 @@ def _as_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_weights(spec: str, arch: str, progress: bool = False) -> Pretrained:
-    """Resolve ``--weights``: ``imagenet``, a .pth/.pt state_dict, or a .safetensors file (a vgg model or plain)."""
+    """Resolve ``--weights``: ``imagenet``, a .pth/.pt state_dict, a .safetensors file (a vgg model or plain), or a
+    Keras VGG file (with the preprocessing its weights expect)."""
     if spec == "imagenet":
         state, weights = imagenet_state_dict(arch, progress)
         transforms = weights.transforms()
@@ -117,13 +121,17 @@ def read_weights(spec: str, arch: str, progress: bool = False) -> Pretrained:
     path = Path(spec)
     if not path.is_file():
         raise UsageError(
-            f"weights must be 'imagenet' or a .pth/.pt/.safetensors file. Received: weights={spec!r}, "
+            f"weights must be 'imagenet' or a .pth/.pt/.safetensors/Keras .h5/.keras file. Received: weights={spec!r}, "
             "which is not a file."
         )
+    if is_keras_file(path):
+        return _keras_pretrained(path, arch)
     if path.suffix in (".pth", ".pt", ".bin"):
         return Pretrained(read_torch_file(path), str(path))
     if path.suffix != ".safetensors":
-        raise UsageError(f"weights file must end in .pth, .pt or .safetensors. Received: {path}.")
+        raise UsageError(
+            f"weights file must end in .pth, .pt or .safetensors, or be a Keras .h5/.keras file. Received: {path}."
+        )
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as error:
@@ -138,3 +146,15 @@ def read_weights(spec: str, arch: str, progress: bool = False) -> Pretrained:
             f"{path} is a {info.arch} model but arch={arch}. Train with --arch {info.arch} or use {arch} weights."
         )
     return Pretrained(state, str(path), tuple(info.mean), tuple(info.std), info.class_names)
+
+
+def _keras_pretrained(path: Path, arch: str) -> Pretrained:
+    """A Keras VGG file's tensors under our names; a class-indices file beside it names its output layer."""
+    keras = read_keras(path)
+    if keras.arch != arch:
+        raise UsageError(
+            f"{path} is a {keras.arch} Keras file but arch={arch}. "
+            f"Train with --arch {keras.arch} or use {arch} weights."
+        )
+    names = find_class_names(path, keras.num_classes) if keras.num_classes else None
+    return Pretrained(keras.state_dict, keras.source, tuple(keras.mean), tuple(keras.std), names)

@@ -87,7 +87,9 @@ class TrainConfig:
     decode: Literal["auto", "workers", "device"] = setting(
         "auto", "where JPEGs are decoded: auto is on the GPU when training on CUDA", resumable=True
     )
-    weights: str | None = setting(None, "start from 'imagenet' (torchvision's weights) or a .pth/.safetensors file")
+    weights: str | None = setting(
+        None, "start from 'imagenet' (torchvision's weights), a .pth/.safetensors file or a Keras VGG .h5/.keras file"
+    )
     freeze: Literal["none", "features"] = setting("none", "features: train only the classifier")
     unfreeze_at: int | None = setting(None, "with --freeze features: train the features too from this epoch")
     backbone_lr_scale: float = setting(1.0, "the features' learning rate is lr times this (more than 0)")
