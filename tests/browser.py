@@ -37,6 +37,8 @@ def headless_chromium(width: int = 1000, height: int = 800) -> Iterator:
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"):
         options.add_argument(flag)
     options.add_argument(f"--window-size={width},{height}")
+    # Keep the page's console messages, so tests can read them with driver.get_log("browser").
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     service = Service(CHROMEDRIVER if Path(CHROMEDRIVER).exists() else shutil.which("chromedriver"))
     driver = webdriver.Chrome(options=options, service=service)
     try:

@@ -39,6 +39,9 @@ class ModelInfo:
     # (what Keras's load_img does, for models imported from Keras).
     interpolation: str = "bilinear"
     extra: dict[str, Any] = field(default_factory=dict)
+    # Temperature scaling (Guo et al., 2017), fitted on the validation images at the end of training: prediction
+    # divides the logits by it. 1.0 (files written before it existed) leaves probabilities as the model gives them.
+    temperature: float = 1.0
 
     @property
     def num_classes(self) -> int:

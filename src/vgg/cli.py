@@ -143,6 +143,9 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument("--top-k", type=int, default=1, help="show the k most likely classes; default 1")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--csv", action="store_true", help="print CSV (image, label, probability, then the top k)")
+    p.add_argument("--threshold", type=float, metavar="P",
+                   help="answer 'unknown' for an image whose top (calibrated) probability is below P")  # fmt: skip
     p.add_argument("--device", default="auto")
     _add_tta(p)
     p.set_defaults(run=_predict)
@@ -151,11 +154,27 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
 def _predict(args: argparse.Namespace) -> int:
     from .predict import expand_images, load
 
+    if args.json and args.csv:
+        raise UsageError("--json and --csv both choose the output format: pass one.")
     paths = expand_images(args.images)
     classifier = load(args.model, device=args.device, tta=args.tta)
-    predictions = classifier.predict(paths, top_k=args.top_k)
+    quiet = args.json or args.csv
+    predictions = classifier.predict(
+        paths, top_k=args.top_k, threshold=args.threshold, progress=not quiet and sys.stderr.isatty()
+    )
     if args.json:
         print(json.dumps([p.as_dict() for p in predictions], indent=2))
+        return 0
+    if args.csv:
+        import csv
+
+        k = min(args.top_k, len(classifier.class_names))
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        ranks = [f"top{i}_{column}" for i in range(1, k + 1) for column in ("label", "probability")]
+        writer.writerow(["image", "label", "probability", *ranks])
+        for p in predictions:
+            ranked = [value for label, prob in p.top_k for value in (label, f"{prob:.6f}")]
+            writer.writerow([p.source, p.label, f"{p.probability:.6f}", *ranked])
         return 0
     for p in predictions:
         ranked = "  ".join(f"{label} {prob:.3f}" for label, prob in p.top_k)
@@ -164,7 +183,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("evaluate", help="loss, accuracy and per-class accuracy on a labelled folder")
+    p = commands.add_parser("evaluate", help="accuracy, precision/recall/F1, calibration, confusion on labelled images")
     p.add_argument(
         "model",
         help="a .safetensors model file written by `vgg train`, imagenet:ARCH (e.g. vgg16), "
@@ -173,6 +192,7 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("data", help="labelled folder DATA/<class>/<image> with the model's classes")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", metavar="DIR", help="write confusion.png, confusion.csv, misclassified.csv, metrics.json")
     p.add_argument("--device", default="auto")
     _add_tta(p)
     p.set_defaults(run=_evaluate)
@@ -183,11 +203,69 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .report import format_evaluation
 
     classifier = load(args.model, device=args.device, tta=args.tta)
-    result = classifier.evaluate(args.data, batch_size=args.batch_size)
+    result = classifier.evaluate(args.data, batch_size=args.batch_size, progress=not args.json and sys.stderr.isatty())
+    written = []
+    if args.out:
+        from .evaluation import write_outputs
+
+        written = write_outputs(result, args.out)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(format_evaluation(result, classifier.class_names))
+        if written:
+            print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _add_explain(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("explain", help="Grad-CAM: where in each image the evidence for its class lies (PNG)")
+    p.add_argument("model", help="a .safetensors model file written by `vgg train`, or imagenet:ARCH")
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("--class", dest="class_name", metavar="NAME", help="explain this class (default: the predicted one)")
+    p.add_argument("--out", default="explain", metavar="DIR", help="folder for the overlays; default ./explain")
+    p.add_argument("--layer", help="convolution to explain at: a name (features.28) or a count (-1: the last); "
+                   "default: the last one whose map is at least 8x8 px")  # fmt: skip
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=_explain)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .predict import expand_images, load
+
+    paths = expand_images(args.images)
+    classifier = load(args.model, device=args.device)
+    out = Path(args.out)
+    explanations = (
+        explanation
+        for start in range(0, len(paths), 32)  # a backward pass per chunk: memory stays that of 32 images
+        for explanation in classifier.explain(paths[start : start + 32], class_name=args.class_name, layer=args.layer)
+    )
+    for index, (path, explanation) in enumerate(zip(paths, explanations, strict=True)):
+        target = out / f"{index:04d}-{path.stem}-{explanation.class_name}.png"
+        explanation.save(target)
+        print(
+            f"{path}: predicted {explanation.label} {explanation.label_probability:.3f}; Grad-CAM of "
+            f"{explanation.class_name} ({explanation.probability:.3f}) -> {target}"
+        )
+    return 0
+
+
+def _add_report(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("report", help="write RUN_DIR/report.html: config, data, curves, metrics, mistakes")
+    p.add_argument("run_dir", help="a run folder written by `vgg train`")
+    p.add_argument("--data", help="labelled folder to evaluate on (default: the run's validation images)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .html_report import write_report
+
+    path = write_report(args.run_dir, data=args.data, device=args.device, progress=sys.stderr.isatty())
+    print(f"wrote {path}")
     return 0
 
 
@@ -254,7 +332,7 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_summary(commands)
     _add_train(commands, train_flags)
-    for add in (_add_predict, _add_evaluate, _add_datasets, _add_doctor, _add_import_keras):
+    for add in (_add_predict, _add_evaluate, _add_explain, _add_report, _add_datasets, _add_doctor, _add_import_keras):
         add(commands)
     return parser
 

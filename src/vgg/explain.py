@@ -21,6 +21,7 @@ from PIL import Image
 from torch import nn
 
 from .errors import UsageError, did_you_mean
+from .metrics import apply_temperature
 
 DISPLAY_SIZE = 224  # overlays of 32 px inputs are upscaled so a person can see them
 
@@ -203,7 +204,7 @@ def explain(
         predicted = model(inputs).argmax(1)
     classes = predicted if class_name is None else torch.full_like(predicted, names.index(class_name))
     maps, log_p = grad_cam(model, inputs, classes, layer)
-    probabilities = log_p.exp()
+    probabilities = apply_temperature(log_p, float(getattr(classifier, "temperature", 1.0))).exp()
     out = []
     for i, image in enumerate(images):
         c, p = int(classes[i]), int(predicted[i])

@@ -6,7 +6,6 @@ schedule or resume code.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,15 +14,18 @@ from typing import Any
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
 
-from .batches import fitted_batches
 from .checkpoint import ModelInfo, load_model
 from .decoding import decode
 from .errors import UsageError
+from .evaluation import collect, result_of
+from .explain import Explanation, explain
 from .imagenet import imagenet_samples, is_imagenet, load_imagenet
-from .inference import Step, evaluate, fit_to_model
+from .inference import Step, fit_to_model
 from .keras_files import is_keras_file
 from .keras_import import load_keras
+from .metrics import apply_temperature
 from .runtime import pick_device, pick_precision
 from .scan import image_files, scan_folder
 
@@ -45,6 +47,7 @@ class Prediction:
 
 
 ImageInput = str | Path | Image.Image | torch.Tensor
+UNKNOWN = "unknown"  # the label of an image whose top probability is below ``predict``'s threshold
 
 
 class Classifier:
@@ -73,6 +76,8 @@ class Classifier:
         self.step = Step(
             self.device, pick_precision(precision, self.device), tuple(info.mean), tuple(info.std), tta=tta
         )
+        # Probabilities are calibrated by the temperature fitted at the end of training (1.0: as the model gives them).
+        self.temperature = float(info.temperature)
 
     @property
     def class_names(self) -> list[str]:
@@ -98,41 +103,73 @@ class Classifier:
             return fit_to_model(item.expand(3, -1, -1), self.info)
         raise UsageError(f"Cannot predict on {type(item).__name__}: expected a path, a PIL image or a tensor.")
 
-    def probabilities(self, images: Sequence[ImageInput] | torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """Class probabilities, one row per image (N x num_classes)."""
+    def probabilities(
+        self,
+        images: Sequence[ImageInput] | torch.Tensor,
+        batch_size: int = 64,
+        calibrated: bool = True,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Class probabilities, one row per image (N x num_classes).
+
+        ``calibrated``: divide the logits by the model's fitted temperature (``ModelInfo.temperature``).
+        """
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             images = list(images)
-        tensors = [self._to_tensor(item) for item in images]
+        bar = tqdm(total=len(images), desc="predict", unit="img", leave=False, disable=not progress)
+        tensors = []
+        for item in images:
+            tensors.append(self._to_tensor(item))
+            bar.update(0.5)  # half of an image's work is decoding it, the other half the forward pass
         out = []
         with torch.inference_mode():
             for start in range(0, len(tensors), batch_size):
                 batch = torch.stack(tensors[start : start + batch_size])
-                out.append(self.step.log_probabilities(self.model, batch).exp().cpu())
+                log_p = self.step.log_probabilities(self.model, batch)
+                if calibrated:
+                    log_p = apply_temperature(log_p, self.temperature)
+                out.append(log_p.exp().cpu())
+                bar.update(len(batch) / 2)
+        bar.close()
         return torch.cat(out) if out else torch.empty(0, len(self.class_names))
 
     def predict(
-        self, images: ImageInput | Sequence[ImageInput], top_k: int = 1, batch_size: int = 64
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        top_k: int = 1,
+        batch_size: int = 64,
+        threshold: float | None = None,
+        progress: bool = False,
     ) -> Prediction | list[Prediction]:
-        """Predict the class of one image (returns one ``Prediction``) or of several (returns a list)."""
+        """Predict the class of one image (returns one ``Prediction``) or of several (returns a list).
+
+        ``threshold``: an image whose top (calibrated) probability is below it gets the label ``unknown``; its
+        ``top_k`` still lists the classes.
+        """
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise UsageError(f"threshold must be a probability between 0 and 1. Received: threshold={threshold}.")
         single = isinstance(images, str | Path | Image.Image) or (isinstance(images, torch.Tensor) and images.ndim == 3)
         items = [images] if single else list(images)
         if top_k < 1:
             raise UsageError(f"top_k must be at least 1. Received: {top_k}.")
         k = min(top_k, len(self.class_names))
-        probs = self.probabilities(items, batch_size)
+        probs = self.probabilities(items, batch_size, progress=progress)
         values, indices = probs.topk(k, dim=1)
         predictions = []
         for item, vals, idxs in zip(items, values.tolist(), indices.tolist(), strict=True):
             top = [(self.class_names[i], v) for i, v in zip(idxs, vals, strict=True)]
             source = str(item) if isinstance(item, str | Path) else ""
-            predictions.append(Prediction(top[0][0], top[0][1], top, source))
+            label = UNKNOWN if threshold is not None and top[0][1] < threshold else top[0][0]
+            predictions.append(Prediction(label, top[0][1], top, source))
         return predictions[0] if single else predictions
 
     def evaluate(
         self, folder: str | Path, batch_size: int = 64, workers: int | None = None, progress: bool = False
     ) -> dict:
-        """Loss, top-1 (top-5 with 5+ classes), per-class accuracy and confusion matrix on a labelled folder.
+        """Every metric on a labelled folder (``metrics.summarize``), misclassified images worst first, skipped files.
 
+        Loss, top-1, top-5 (5+ classes), balanced accuracy, per-class precision/recall/F1/support, macro and
+        weighted averages, the confusion matrix, and calibration error before and after the model's temperature.
         A model's own classes are read as ``folder/<class>/<image>``; an ImageNet classifier also accepts
         WordNet-id, class-index or category-name folders (``imagenet.py``), and reports per-class accuracy by
         folder name, with the accuracy torchvision publishes for its weights.
@@ -145,20 +182,15 @@ class Classifier:
             scanned = scan_folder(folder, classes=self.class_names)
             samples = [(sample.path, sample.label) for sample in scanned.samples]
             skipped.extend(scanned.skipped)
-        batches = fitted_batches(samples, functools.partial(fit_to_model, info=self.info), batch_size, workers)
-
-        def readable():
-            for images, targets, bad, _ in batches:
-                skipped.extend(bad)
-                yield images, targets
-
-        result = evaluate(self.model, readable(), self.step, len(self.class_names), progress)
-        result["skipped"] = [{"path": path, "reason": reason} for path, reason in skipped]
+        outputs = collect(self, samples, batch_size, workers, progress)
+        outputs.skipped[:0] = skipped
+        result = result_of(outputs, self.class_names, self.temperature)
         if not imagenet:
-            result["class_names"] = self.class_names
             return result
         # ImageNet: 1,000 classes of which a folder holds a few; per-class numbers by folder, no 1000 x 1000 matrix.
         confusion = result.pop("confusion")
+        for key in ("per_class", "macro", "weighted", "class_names", "balanced_accuracy"):
+            result.pop(key)
         result["per_class_accuracy"] = {
             name: confusion[i][i] / sum(confusion[i]) for name, i in labels.items() if sum(confusion[i]) > 0
         }
@@ -166,6 +198,20 @@ class Classifier:
             folder_naming=naming, weights=self.info.extra.get("weights"), published=self.info.extra.get("published")
         )
         return result
+
+    def explain(
+        self, images: ImageInput | Sequence[ImageInput], class_name: str | None = None, layer: str | int | None = None
+    ) -> list[Explanation]:
+        """Grad-CAM heat maps: where in each image the evidence for the predicted (or named) class lies.
+
+        ``layer``: a convolution by name (``features.28``) or count (-1 the last); by default the last one whose
+        map is at least 8x8 (see ``explain.resolve_layer``). ``Explanation.save(path)`` writes the overlay PNG.
+        """
+        single = isinstance(images, str | Path | Image.Image) or (isinstance(images, torch.Tensor) and images.ndim == 3)
+        items = [images] if single else list(images)
+        tensors = [self._to_tensor(item) for item in items]
+        sources = [str(item) if isinstance(item, str | Path) else "" for item in items]
+        return explain(self, tensors, class_name=class_name, layer=layer, sources=sources)
 
 
 def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: bool = False) -> Classifier:

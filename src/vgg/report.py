@@ -133,13 +133,43 @@ def format_evaluation(result: dict, class_names: Sequence[str]) -> str:
         head += f"accuracy: {result['accuracy']:.4f}"
     if "folder_naming" in result:
         return _format_imagenet(head, result)
-    width = max(len("class"), *(len(n) for n in class_names))
-    lines = [head, f"{'class':<{width}}   images   accuracy"]
-    for name, row, acc in zip(class_names, result["confusion"], result["per_class_accuracy"], strict=True):
-        lines.append(f"{name:<{width}}   {sum(row):>6}   {acc:.4f}")
+    if "per_class" not in result:  # the training loop's validation result: accuracy per class only
+        width = max(len("class"), *(len(n) for n in class_names))
+        lines = [head, f"{'class':<{width}}   images   accuracy"]
+        for name, row, acc in zip(class_names, result["confusion"], result["per_class_accuracy"], strict=True):
+            lines.append(f"{name:<{width}}   {sum(row):>6}   {acc:.4f}")
+    else:
+        lines = [head + f"   balanced accuracy: {result['balanced_accuracy']:.4f}", _calibration_line(result)]
+        lines += _class_table(result, class_names)
     if result.get("skipped"):
         lines.append(f"skipped {len(result['skipped'])} unreadable files")
     return "\n".join(lines)
+
+
+def _calibration_line(result: dict) -> str:
+    line = f"calibration: expected calibration error {result['ece']:.4f}"
+    if result["temperature"] != 1.0:
+        line += f", {result['ece_calibrated']:.4f} after temperature scaling (T = {result['temperature']:.3f})"
+    return line
+
+
+def _class_table(result: dict, class_names: Sequence[str]) -> list[str]:
+    """Per-class precision, recall, F1 and support, then the macro and weighted averages (as scikit-learn prints)."""
+    width = max(len("weighted avg"), *(len(n) for n in class_names))
+    per = result["per_class"]
+    lines = [f"{'class':<{width}}   precision   recall       f1   images"]
+    for i, name in enumerate(class_names):
+        lines.append(
+            f"{name:<{width}}   {per['precision'][i]:>9.4f}   {per['recall'][i]:.4f}   {per['f1'][i]:.4f}   "
+            f"{per['support'][i]:>6}"
+        )
+    for kind in ("macro", "weighted"):
+        avg = result[kind]
+        lines.append(
+            f"{kind + ' avg':<{width}}   {avg['precision']:>9.4f}   {avg['recall']:.4f}   {avg['f1']:.4f}   "
+            f"{result['images']:>6}"
+        )
+    return lines
 
 
 def _format_imagenet(head: str, result: dict) -> str:

@@ -13,10 +13,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..batches import Batches, class_weights, limit_per_class
+from ..calibration import calibrate_model_file
 from ..checkpoint import ModelInfo
 from ..distributed import World, finish
 from ..distributed import setup as setup_distributed
 from ..errors import UsageError
+from ..html_report import write_report
 from ..inference import Step
 from ..models import build
 from ..report import format_summary
@@ -175,7 +177,21 @@ def _train(
         log(f"skipped {len(skipped)} unreadable files, listed in {run_dir.path / 'skipped.csv'}")
     if result.best_value is not None:
         log(f"best {config.monitor} {result.best_value:.4f} at epoch {result.best_epoch}; model: {run_dir.best}")
+    if world.main:
+        _calibrate_and_report(run_dir.path, Path(run_dir.best), data, device, log, progress)
     return TrainResult(run_dir.path, run_dir.best, run_dir.last, data.classes, result, skipped, model)
+
+
+def _calibrate_and_report(
+    run_dir: Path, best: Path, data: Data, device: torch.device, log: Callable[[str], None], progress: bool
+) -> None:
+    """Fit the best model's temperature on the validation images (stored in its file), then write report.html."""
+    if not data.val or not best.is_file():
+        return
+    calibration = calibrate_model_file(best, [(s.path, s.label) for s in data.val], str(device), progress=progress)
+    if calibration is not None:
+        log(calibration.line())
+    log(f"report: {write_report(run_dir, device=str(device), progress=progress)}")
 
 
 def _data_line(
