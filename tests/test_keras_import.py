@@ -268,14 +268,21 @@ def test_cli_import_then_predict(tutorial, images, tmp_path: Path, capsys) -> No
     source.symlink_to(files["h5"])
     assert main(["import-keras", str(source), "--classes", "cat,dog,fox"]) == 0
     assert "vgg16_1.safetensors" in capsys.readouterr().out
-    assert main(["predict", str(tmp_path / "vgg16_1.safetensors"), str(images[1]), "--json"]) == 0
+    model = str(tmp_path / "vgg16_1.safetensors")
+    assert main(["predict", model, *map(str, images), "--json", "--top-k", "3", "--precision", "fp32"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    first = printed[0] if isinstance(printed, list) else printed
-    assert first["label"] == ["cat", "dog", "fox"][int(theirs[1].argmax())]
+    ranked = [{top["label"]: top["probability"] for top in row["top_k"]} for row in printed]
+    assert_same(theirs, np.array([[row[name] for name in ("cat", "dog", "fox")] for row in ranked]))
+    capsys.readouterr()
+
+    # The Keras file itself works too (converted in memory; no class-indices file here, so class_0...).
+    assert main(["predict", str(source), str(images[1]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["label"] == f"class_{int(theirs[1].argmax())}"
 
     assert main(["import-keras", str(source)]) == 2  # never overwrites without being told
-    assert "already exists" in capsys.readouterr().err
-    assert main(["import-keras", str(source), "--classes", "a,b"]) == 2
+    assert "already exists; pass --out to write elsewhere or --force" in capsys.readouterr().err
+    assert main(["import-keras", str(source), "--force", "--classes", "a,b"]) == 2
+    assert "--classes names 2 classes" in capsys.readouterr().err
 
 
 def test_missing_h5py_says_how_to_install(tutorial, monkeypatch) -> None:

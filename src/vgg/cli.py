@@ -133,6 +133,15 @@ def _add_tta(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="auto: bf16 where the hardware runs it natively, else fp32; fp32 gives a Keras model's exact answers",
+    )
+
+
 def _add_predict(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("predict", help="predict the class of images with a trained model")
     p.add_argument(
@@ -147,6 +156,7 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, metavar="P",
                    help="answer 'unknown' for an image whose top (calibrated) probability is below P")  # fmt: skip
     p.add_argument("--device", default="auto")
+    _add_precision(p)
     _add_tta(p)
     p.set_defaults(run=_predict)
 
@@ -157,7 +167,7 @@ def _predict(args: argparse.Namespace) -> int:
     if args.json and args.csv:
         raise UsageError("--json and --csv both choose the output format: pass one.")
     paths = expand_images(args.images)
-    classifier = load(args.model, device=args.device, tta=args.tta)
+    classifier = load(args.model, device=args.device, precision=args.precision, tta=args.tta)
     quiet = args.json or args.csv
     predictions = classifier.predict(
         paths, top_k=args.top_k, threshold=args.threshold, progress=not quiet and sys.stderr.isatty()
@@ -194,6 +204,7 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", metavar="DIR", help="write confusion.png, confusion.csv, misclassified.csv, metrics.json")
     p.add_argument("--device", default="auto")
+    _add_precision(p)
     _add_tta(p)
     p.set_defaults(run=_evaluate)
 
@@ -202,7 +213,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .predict import load
     from .report import format_evaluation
 
-    classifier = load(args.model, device=args.device, tta=args.tta)
+    classifier = load(args.model, device=args.device, precision=args.precision, tta=args.tta)
     result = classifier.evaluate(args.data, batch_size=args.batch_size, progress=not args.json and sys.stderr.isatty())
     written = []
     if args.out:
