@@ -2,12 +2,16 @@
 
 safetensors holds only tensors and a string-to-string header, so loading a model file never executes code from
 it (unlike a pickled ``torch.save`` file). The header carries the architecture, class names, image size,
-normalisation and the versions that wrote it.
+normalisation and the versions that wrote it. Every header value is checked by type and range, and against the
+shapes of the tensors it describes, before a model is built or a weight is read (``parse_info``): a header cannot
+ask for a 120,000 px input or two million classes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .errors import UsageError
 from .files import atomic_write
-from .models import VGG, build
+from .models import ARCHS, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, VGG, build, pooled_size
 
 FORMAT = "vgg.model/1"
 
@@ -60,14 +64,96 @@ def save_model(path: str | Path, model: VGG, info: ModelInfo) -> None:
 
 
 def read_info(path: str | Path) -> ModelInfo:
-    """Read only the metadata of a model file (cheap: the weights are not loaded)."""
-    return _open(path)[0]
+    """Read only the metadata of a model file (cheap: the weights are not loaded), checked against its tensors."""
+    return _open(path, weights=False)[0]
 
 
-def _open(path: str | Path) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
+_OUTPUT = "classifier.6.weight"  # the output layer: one row per class
+_FIRST_DENSE = "classifier.0.weight"  # its inputs follow from image_size
+_RESIZE = ("squash", "crop")
+_INTERPOLATION = ("bilinear", "nearest")
+
+
+def parse_info(raw: Any, shapes: dict[str, list[int]] | None = None, where: str = "model file") -> ModelInfo:
+    """A ``ModelInfo`` from a header's decoded ``info``, every field checked by type and range, and (with
+    ``shapes``: tensor name -> shape) against the tensors: as many classes as outputs, the image size the first
+    dense layer was built for.
+
+    Raises:
+        UsageError: one line naming the first bad field, what it must be and what it is.
+    """
+
+    def bad(name: str, wanted: str, value: Any) -> UsageError:
+        text = repr(value)
+        text = text if len(text) <= 80 else text[:80] + "..."
+        return UsageError(f"{where}: {name} in the header must be {wanted}. Received: {text}.")
+
+    if not isinstance(raw, dict):
+        raise bad("info", "a JSON object", raw)
+    known = {f.name: f for f in dataclasses.fields(ModelInfo)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise UsageError(f"{where}: unknown field {unknown[0]!r} in the header (written by a newer vgg?).")
+    missing = [name for name, f in known.items() if name not in raw and f.default is dataclasses.MISSING]
+    if missing:
+        raise UsageError(f"{where}: the header has no {missing[0]!r}.")
+    arch, names, size = raw["arch"], raw["class_names"], raw["image_size"]
+    if not isinstance(arch, str) or arch not in ARCHS:
+        raise bad("arch", f"one of {{{', '.join(ARCHS)}}}", arch)
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise bad("class_names", "a list of names", names)
+    if type(size) is not int or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise bad("image_size", f"an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}", size)
+    for name in ("mean", "std"):
+        value = raw[name]
+        if not (isinstance(value, list) and len(value) == 3 and all(_finite(v) for v in value)):
+            raise bad(name, "3 finite numbers (R, G, B)", value)
+    if not all(v > 0 for v in raw["std"]):
+        raise bad("std", "3 positive numbers (images are divided by it)", raw["std"])
+    checks: dict[str, tuple[Any, str]] = {
+        "dropout": (lambda v: _finite(v) and 0 <= v <= 1, "a number from 0 to 1"),
+        "resize": (lambda v: v in _RESIZE, f"one of {{{', '.join(_RESIZE)}}}"),
+        "interpolation": (lambda v: v in _INTERPOLATION, f"one of {{{', '.join(_INTERPOLATION)}}}"),
+        "extra": (lambda v: isinstance(v, dict), "a JSON object"),
+        "temperature": (lambda v: _finite(v) and 0 < v <= 1e4, "a positive number"),
+    }
+    for name, (ok, wanted) in checks.items():
+        if name in raw and not ok(raw[name]):
+            raise bad(name, wanted, raw[name])
+    if raw.get("resize") == "crop":
+        crop_from = raw.get("extra", {}).get("resize_size", size)
+        if type(crop_from) is not int or not size <= crop_from <= MAX_IMAGE_SIZE:
+            raise bad("extra.resize_size", f"an integer from image_size ({size}) to {MAX_IMAGE_SIZE}", crop_from)
+    if shapes is not None:
+        _match_tensors(names, size, shapes, where)
+    return ModelInfo(**raw)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _match_tensors(names: list[str], size: int, shapes: dict[str, list[int]], where: str) -> None:
+    output, first = shapes.get(_OUTPUT), shapes.get(_FIRST_DENSE)
+    if output is None or first is None or len(output) != 2 or len(first) != 2:
+        raise UsageError(f"{where}: no VGG classifier weights ({_OUTPUT}, {_FIRST_DENSE}) in the file.")
+    if output[0] != len(names):
+        raise UsageError(
+            f"{where}: the header names {len(names)} classes but the output layer has {output[0]} outputs."
+        )
+    inputs = 512 * pooled_size(size) ** 2
+    if first[1] != inputs:
+        raise UsageError(
+            f"{where}: image_size {size} in the header needs {inputs} inputs to the first dense layer, but the "
+            f"weights have {first[1]}."
+        )
+
+
+def _open(path: str | Path, weights: bool = True) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"Model file not found: {path}. Expected a .safetensors file written by `vgg train`.")
+    tensors: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
@@ -76,8 +162,14 @@ def _open(path: str | Path) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
                     f"{path} is a safetensors file but not a vgg model (no '{FORMAT}' metadata). "
                     "Expected a file written by `vgg train`."
                 )
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        info = ModelInfo(**json.loads(header["info"]))
+            shapes = {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            info = parse_info(json.loads(header["info"]), shapes, str(path))
+            if weights:
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except UsageError:
+        raise
+    except RecursionError as error:
+        raise UsageError(f"{path} is not a vgg model file (its header is nested too deeply).") from error
     except (SafetensorError, OSError, ValueError, TypeError, KeyError) as error:
         raise UsageError(
             f"{path} is not a vgg model file ({type(error).__name__}: {error}). "
@@ -89,6 +181,12 @@ def _open(path: str | Path) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[VGG, ModelInfo]:
     """Build the model a file describes and load its weights; no code from the file is executed."""
     info, tensors = _open(path)
+    for name, tensor in tensors.items():
+        # A flipped exponent bit makes a weight inf or NaN, and every probability NaN.
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UsageError(
+                f"{path}: the weights {name} are not finite numbers (NaN or infinity): the file is damaged."
+            )
     model = build(info.arch, num_classes=info.num_classes, image_size=info.image_size, dropout=info.dropout)
     try:
         model.load_state_dict(tensors)

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -20,6 +21,16 @@ if TYPE_CHECKING:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's own usage errors: one line, exit 2, like ours
         raise UsageError(f"{self.prog}: {message}")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}")
+    return value
 
 
 def _batch_size(text: str) -> int | str:
@@ -100,6 +111,10 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     augment = {f.name: getattr(args, f.name) for f in declared(AugmentConfig)}
     flags = {f.name: getattr(args, f.name) for f in declared(TrainConfig)}
     if args.resume:
+        if args.overwrite:
+            raise UsageError(
+                f"--resume continues the run in {args.resume} and --overwrite replaces it with a new one: pass one."
+            )
         if args.config or args.recipe:
             raise UsageError(
                 f"--resume takes its settings from {args.resume}/config.json; drop --config/--recipe "
@@ -201,7 +216,7 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("data", help="labelled folder DATA/<class>/<image> with the model's classes")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_positive, default=64, help="images per forward pass; default 64")
     p.add_argument("--out", metavar="DIR", help="write confusion.png, confusion.csv, misclassified.csv, metrics.json")
     p.add_argument("--device", default="auto")
     _add_precision(p)
@@ -353,19 +368,52 @@ def _command(argv: Sequence[str]) -> str | None:
     return next((word for word in argv if not word.startswith("-")), None)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 ok, 2 usage or input error)."""
-    args = None
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "(no message)"
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null after a broken pipe, so the interpreter's last flush does not fail again (as the
+    Python documentation on SIGPIPE recommends)."""
     try:
-        argv = sys.argv[1:] if argv is None else list(argv)
-        args = build_parser(train_flags=_command(argv) == "train").parse_args(argv)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (captured in tests)
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code.
+
+    0: done; 1: done, with problems found (``doctor``) or inputs that failed; 2: bad input or any other error, as
+    one ``error:`` line on stderr (``--debug`` shows the traceback); 130: interrupted; 141: the reader of stdout
+    went away (``| head``), quietly.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = _command(argv)
+    debug = "--debug" in (argv[: argv.index(command)] if command is not None else argv)
+    try:
+        args = build_parser(train_flags=command == "train").parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # a reader that went away shows here, not in the interpreter's exit
+        return code
     except UsageError as error:
-        if args is not None and args.debug:
+        if debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_one_line(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141
+    except Exception as error:  # a bug or an input nothing above anticipated: still one line, never a traceback
+        if debug:
+            raise
+        print(
+            f"error: {_one_line(f'{type(error).__name__}: {error}')} (unexpected; `vgg --debug ...` shows where)",
+            file=sys.stderr,
+        )
+        return 2

@@ -68,6 +68,20 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def agree_min(value: int, device: torch.device) -> int:
+    """The smallest ``value`` of all processes, on every process (``value`` itself in a single process).
+
+    For sizes every process must share (the batch size: equal steps per epoch). ``device`` is where the process
+    group communicates: the process's GPU under NCCL, the CPU under gloo.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    where = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor([value], dtype=torch.int64, device=where)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -90,3 +104,12 @@ def finish(world: World, wait: bool = True) -> None:
         if wait:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def from_main(value: object) -> object:
+    """Rank 0's ``value``, on every process (``value`` itself in a single process): for decisions only rank 0 makes."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,20 +1,80 @@
-"""Writing files so that a crash never leaves a half-written one: atomic writes, JSON and CSV on top of them."""
+"""Writing files so that a crash never leaves a half-written one: atomic writes, JSON and CSV on top of them.
+
+Every file is written to a temp file in its own folder (``.NAME.XXXX.tmp``), flushed to disk, given the mode a plain
+``open`` would give it (``0o666`` less the umask: ``mkstemp`` alone makes it private), renamed over ``NAME``, and the
+folder is flushed so that the rename itself survives a power cut. A full disk is one clear error, and the old file
+stays as it was.
+"""
 
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .errors import UsageError
+
+# Some writers (torch's zip writer, safetensors) report a full disk as their own error, not as OSError(ENOSPC).
+_FULL_DISK_FREE_BYTES = 16 * 2**20
+
+
+class DiskFull(UsageError):
+    """No space left on the device while writing a file; the previous version of the file is intact."""
+
+
+def file_mode() -> int:
+    """The mode a new file gets from ``open``: ``0o666`` less the process's umask."""
+    try:
+        with open("/proc/self/status") as status:  # reading it does not change it (os.umask would, briefly)
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _disk_full(error: BaseException, folder: Path) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(error, Exception) or isinstance(error, UsageError):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < _FULL_DISK_FREE_BYTES
+    except OSError:
+        return False
+
+
+def fsync_folder(folder: str | Path) -> None:
+    """Flush a folder's entries (renames, new files) to disk; a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call ``write(temp_path)`` on a temp file in the target folder, then rename it over ``path``.
 
-    A crash at any moment leaves either the old file or the new one, never a half-written one.
+    A crash at any moment leaves either the old file or the new one, never a half-written one; a ``kill -9``
+    can leave a ``.NAME.*.tmp`` file, which ``remove_stale_temps`` clears.
+
+    Raises:
+        DiskFull: the device ran out of space; ``path`` still holds its previous content.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -22,12 +82,36 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(temp)
+        os.chmod(temp, file_mode())
         with open(temp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
         Path(temp).unlink(missing_ok=True)
+        if _disk_full(error, path.parent):
+            kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+            raise DiskFull(
+                f"No space left on the device to write {path}: {kept}. Free some space and try again."
+            ) from error
         raise
+    fsync_folder(path.parent)
+
+
+def remove_stale_temps(folder: str | Path, names: Iterable[str]) -> list[Path]:
+    """Delete the temp files (``.NAME.*.tmp``) that a killed ``atomic_write`` of any of ``names`` left in ``folder``.
+
+    Only call this while no other process writes those files (a run folder under its lock). Returns what was removed.
+    """
+    folder = Path(folder)
+    removed = []
+    for name in names:
+        for temp in folder.glob(f".{name}.*.tmp"):
+            try:
+                temp.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(temp)
+    return removed
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -40,6 +40,9 @@ ARCHS: dict[str, tuple[str, bool]] = {
 }
 
 MIN_IMAGE_SIZE = 32  # five 2x2 pools need at least 32 px to leave a 1x1 map
+# VGG16's first feature map alone is 1 GiB per image at 2048 px (64 x 2048 x 2048 floats); past that a model file's
+# header (or a typo) would ask for memory no machine has.
+MAX_IMAGE_SIZE = 2048
 
 
 def pooled_size(image_size: int) -> int:
@@ -110,6 +113,8 @@ class VGG(nn.Module):
         super().__init__()
         if image_size < MIN_IMAGE_SIZE:
             raise UsageError(f"image_size must be at least {MIN_IMAGE_SIZE} px for VGG. Received: {image_size}.")
+        if image_size > MAX_IMAGE_SIZE:
+            raise UsageError(f"image_size must be at most {MAX_IMAGE_SIZE} px for VGG. Received: {image_size}.")
         if num_classes < 1:
             raise UsageError(f"num_classes must be at least 1. Received: {num_classes}.")
         side = pooled_size(image_size)

@@ -108,16 +108,43 @@ def _cache_file(root: Path) -> Path:
 
 
 def _load_cached(root: Path) -> Index | None:
+    """The cached index of ``root``, or ``None`` when there is none, it is stale, or it is not one we wrote (then the
+    folder is indexed again and the cache rewritten)."""
     try:
         data = json.loads(_cache_file(root).read_text())
-        if data.get("version") != INDEX_VERSION or data.get("root") != str(root.resolve()):
+        if (
+            not isinstance(data, dict)
+            or data.get("version") != INDEX_VERSION
+            or data.get("root") != str(root.resolve())
+        ):
             return None
-        for folder, mtime in data["folders"].items():
-            if os.stat(root / folder).st_mtime_ns != mtime:
+        folders, files = data["folders"], data["files"]
+        if not isinstance(folders, dict) or not isinstance(files, list) or not all(map(_inside, folders)):
+            return None
+        for folder, mtime in folders.items():
+            if type(mtime) is not int or os.stat(root / folder).st_mtime_ns != mtime:
                 return None
-    except (OSError, ValueError, KeyError, TypeError):
+        rows = [tuple(row) for row in files if isinstance(row, list)]
+        if len(rows) != len(files) or not all(_index_row(row) for row in rows):
+            return None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
-    return Index(root, [tuple(row) for row in data["files"]], data["folders"])
+    return Index(root, rows, folders)
+
+
+def _inside(relative: object) -> bool:
+    """A relative path that stays inside the indexed folder."""
+    return isinstance(relative, str) and not os.path.isabs(relative) and ".." not in Path(relative).parts
+
+
+def _index_row(row: tuple) -> bool:
+    return (
+        len(row) == 3
+        and all(isinstance(part, str) for part in row)
+        and row[1] in ("image", "bad", "other")
+        and _inside(row[0])
+        and "\0" not in row[0]
+    )
 
 
 def _save_cached(index: Index) -> None:
@@ -290,8 +317,12 @@ def write_split(path: str | Path, classes: Sequence[str], train: Sequence[Sample
     write_csv(path, ["path", "class", "split"], rows)
 
 
-def read_split(path: str | Path, classes: Sequence[str]) -> tuple[list[Sample], list[Sample]]:
+def read_split(
+    path: str | Path, classes: Sequence[str], moved: dict[str, str] | None = None
+) -> tuple[list[Sample], list[Sample]]:
     """Read a split manifest written by a previous run; its classes must be ``classes``.
+
+    ``moved`` maps a folder the manifest names to where it is now (paths under the key are read under the value).
 
     Raises:
         UsageError: the file is missing or malformed, names other classes, or lists files that are gone.
@@ -301,13 +332,25 @@ def read_split(path: str | Path, classes: Sequence[str]) -> tuple[list[Sample], 
         raise UsageError(
             f"Split file not found: {path}. Expected a split.csv written by `vgg train` (path,class,split)."
         )
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or not {"path", "class", "split"} <= set(reader.fieldnames):
+    try:
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or not {"path", "class", "split"} <= set(reader.fieldnames):
+                raise UsageError(
+                    f"Split file {path} must have the columns path,class,split. Received: {reader.fieldnames}."
+                )
+            rows = list(reader)
+    except (csv.Error, UnicodeDecodeError) as error:
+        raise UsageError(f"Split file {path} is not a readable CSV file ({error}).") from error
+    for number, row in enumerate(rows, start=2):
+        if not all(isinstance(row[key], str) for key in ("path", "class", "split")) or "\0" in row["path"]:
             raise UsageError(
-                f"Split file {path} must have the columns path,class,split. Received: {reader.fieldnames}."
+                f"Split file {path}, line {number}: expected path,class,split. Received: {list(row.values())[:3]}."
             )
-        rows = list(reader)
+        for old, new in (moved or {}).items():
+            if row["path"] == old or row["path"].startswith(old.rstrip(os.sep) + os.sep):
+                row["path"] = new + row["path"][len(old.rstrip(os.sep)) :]
+                break
     label_of = {name: i for i, name in enumerate(classes)}
     named = {row["class"] for row in rows}
     if named != set(classes):
@@ -318,7 +361,7 @@ def read_split(path: str | Path, classes: Sequence[str]) -> tuple[list[Sample], 
     splits = {row["split"] for row in rows} - {"train", "val"}
     if splits:
         raise UsageError(f"Split file {path}: split must be train or val. Received: {sorted(splits)}.")
-    gone = [row["path"] for row in rows if not Path(row["path"]).is_file()]
+    gone = [row["path"] for row in rows if not _is_file(row["path"])]
     if gone:
         raise UsageError(
             f"Split file {path} lists {len(gone)} files that do not exist (first: {gone[0]}); "
@@ -331,3 +374,10 @@ def read_split(path: str | Path, classes: Sequence[str]) -> tuple[list[Sample], 
             f"Split file {path} must list both train and val images. Received: {len(train)} train, {len(val)} val."
         )
     return train, val
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except OSError:  # a name too long for the file system
+        return False

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import UsageError, did_you_mean
-from ..models import check_arch
+from ..models import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, check_arch
 from .augment import AugmentConfig
 from .settings import check_settings, setting
 
@@ -38,9 +38,14 @@ class TrainConfig:
     val: str | None = setting(
         None, "validation folder with the same classes (default: a stratified split)", resumable=True
     )
-    out: str = setting("runs/train", "run folder for models, history, curves and config")
+    out: str | None = setting(
+        None, "run folder for models, history, curves and config (default: runs/train, or runs/train2, ... when taken)"
+    )
+    overwrite: bool = setting(
+        False, "replace the run already in --out (its files are deleted first) instead of refusing", resumable=True
+    )
     arch: str = setting("vgg16", "vgg11, vgg13, vgg16, vgg19 or their _bn variants")
-    image_size: int = setting(224, "images are resized to this square side", low=1)
+    image_size: int = setting(224, "images are resized to this square side", low=MIN_IMAGE_SIZE, high=MAX_IMAGE_SIZE)
     epochs: int = setting(30, "maximum number of epochs", low=1, resumable=True)
     batch_size: int | Literal["auto"] = setting(64, "images per step, or auto (the largest that fits)", low=1)
     optimizer: Literal["sgd", "adam", "adamw"] = setting("adamw", "the optimizer")
@@ -112,6 +117,10 @@ class TrainConfig:
         self.lr = self.peak_lr
         if not self.lr > 0:  # NaN fails this too
             raise UsageError(f"lr must be positive. Received: lr={self.lr}.")
+        if not 0 < self.val_fraction < 1:
+            raise UsageError(
+                f"val_fraction must be between 0 and 1 (both excluded). Received: val_fraction={self.val_fraction}."
+            )
         if not 0 < self.gamma < 1:
             raise UsageError(f"gamma (learning-rate decay) must be between 0 and 1. Received: gamma={self.gamma}.")
         self._validate_transfer()

@@ -29,8 +29,8 @@ from .autobatch import find_batch_size
 from .config import TrainConfig
 from .features import cached_fit_inputs
 from .loop import FitResult, fit
-from .rundir import RunDir
-from .state import load_state
+from .rundir import RunDir, own_folder
+from .state import SavedRun, check_resume, load_state, read_run
 from .transfer import prepare
 
 
@@ -85,21 +85,31 @@ def train(
     """Train a model as ``config`` says; everything the run produces goes to ``config.out``.
 
     With ``resume``, continue the run in ``config.out`` from its ``state.pt`` (see ``state.resume_config`` for
-    the settings that must match). Under torchrun, every process calls this; only rank 0 writes and logs.
+    the settings that must match), on the run's own split. Under torchrun, every process calls this; only rank 0
+    writes and logs. The run folder is claimed first (``rundir.claim``: locked, never another run's files
+    replaced), so a refusal comes before any image is read.
     """
     config.validate()
-    state = load_state(config.out) if resume else None
     world, device = setup_distributed(pick_device(config.device))
     if not world.main:
         log, progress = (lambda _: None), False
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     was_benchmark = torch.backends.cudnn.benchmark
+    lock = None
     try:
-        result = _train(config, log, progress, state, device, world)
+        config, lock = own_folder(config, world, resume, log)
+        state, saved = None, None
+        if resume:
+            saved = read_run(config.out)
+            state = load_state(config.out)
+            check_resume(state, config, saved, world.world_size)
+        result = _train(config, log, progress, state, saved, device, world)
     except BaseException:
         finish(world, wait=False)
         raise
     finally:
+        if lock is not None:
+            lock.release()
         torch.use_deterministic_algorithms(was_deterministic)
         torch.backends.cudnn.benchmark = was_benchmark
     finish(world)
@@ -107,20 +117,15 @@ def train(
 
 
 def _train(
-    config: TrainConfig, log: Callable[[str], None], progress: bool, state: dict | None, device: torch.device,
-    world: World,
+    config: TrainConfig, log: Callable[[str], None], progress: bool, state: dict | None, saved: SavedRun | None,
+    device: torch.device, world: World,
 ) -> TrainResult:  # fmt: skip
     precision = pick_precision(config.precision, device)
     _set_kernels(config, device, world)
     run_dir = RunDir(config, world.main, log, state)
     torch.manual_seed(config.seed)
 
-    data = read_data(config)
-    if state is not None and data.classes != run_dir.class_names():
-        raise UsageError(
-            f"Cannot resume {config.out}: {config.data} has classes {data.classes} but the run was trained on "
-            f"{run_dir.class_names()}. Resume with the run's data, or start a new run with another --out."
-        )
+    data = read_data(config, saved, log)
     # Weights are read before the images are decoded: a missing weights file should not cost a decoding pass.
     model = build(config.arch, num_classes=len(data.classes), image_size=config.image_size, dropout=config.dropout)
     preprocessing = prepare(model, config, data.classes, log)
@@ -241,11 +246,28 @@ def _set_kernels(config: TrainConfig, device: torch.device, world: World) -> Non
         torch.backends.cudnn.benchmark = True
 
 
-def read_data(config: TrainConfig) -> Data:
-    """Scan the dataset and split it: ``--val`` folder, ``--split`` file, or a seeded stratified split."""
+def read_data(config: TrainConfig, saved: SavedRun | None = None, log: Callable[[str], None] = print) -> Data:
+    """Scan the dataset and split it: ``--val`` folder, ``--split`` file, or a seeded stratified split.
+
+    A resumed run (``saved``) reads its own RUN_DIR/split.csv: images added since it started are left out (a new
+    split would move validation images into training), and a dataset that moved is followed (``--data``).
+    """
     folder = scan_folder(config.data)
     skipped = list(folder.skipped)
-    if config.val:
+    if saved is not None:
+        if folder.classes != saved.class_names:
+            raise UsageError(
+                f"Cannot resume {config.out}: {config.data} has classes {folder.classes} but the run was trained on "
+                f"{saved.class_names}. Resume with the run's data, or start a new run with another --out."
+            )
+        train_samples, val_samples = read_split(Path(config.out) / "split.csv", folder.classes, _moved(config, saved))
+        if config.val:
+            skipped += scan_folder(config.val, classes=folder.classes).skipped
+        listed = {str(s.path) for s in (*train_samples, *val_samples)}
+        new = sum(1 for s in folder.samples if str(s.path) not in listed)
+        if new:
+            log(f"{new} images in {config.data} are not in the run's split.csv: the resumed run leaves them out")
+    elif config.val:
         train_samples = folder.samples
         val_folder = scan_folder(config.val, classes=folder.classes)
         val_samples = val_folder.samples
@@ -258,6 +280,16 @@ def read_data(config: TrainConfig) -> Data:
         train_samples = limit_per_class(train_samples, config.max_per_class, config.seed)
         val_samples = limit_per_class(val_samples, max(1, round(config.max_per_class * config.val_fraction)))
     return Data(folder.classes, train_samples, val_samples, skipped)
+
+
+def _moved(config: TrainConfig, saved: SavedRun) -> dict[str, str]:
+    """Old data folder -> new one, when a resume names another folder than the run was started with."""
+    moved = {}
+    for key in ("data", "val"):
+        old, new = saved.settings.get(key), getattr(config, key)
+        if isinstance(old, str) and old and new and Path(old) != Path(new):
+            moved[str(Path(old))] = str(Path(new))
+    return moved
 
 
 def make_batches(config: TrainConfig, data: Data, device: torch.device, world: World) -> tuple[Batches, Batches]:
