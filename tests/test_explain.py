@@ -91,3 +91,27 @@ def test_bad_class_and_layer_are_usage_errors(square_classifier):
     # the default is the last block with a map of at least 8x8: the last one at 224 px, features.11 at 32 px
     assert resolve_layer(square_classifier.model, image_size=224) == 28
     assert resolve_layer(square_classifier.model, image_size=32) == 14
+
+
+def test_explain_cli_writes_one_overlay_per_image(square_classifier, tmp_path, capsys):
+    from PIL import Image
+
+    from vgg.checkpoint import save_model
+    from vgg.cli import main
+
+    model = tmp_path / "squares.safetensors"
+    save_model(model, square_classifier.model, square_classifier.info)
+    images = square_images(4, torch.Generator().manual_seed(9))[0]
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(paths[-1])
+    out = tmp_path / "cams"
+    assert (
+        main(["explain", str(model), *map(str, paths), "--out", str(out), "--class", "square", "--device", "cpu"]) == 0
+    )
+    written = sorted(out.glob("*.png"))
+    assert len(written) == 4 and all(p.name.endswith("-square.png") for p in written)
+    assert capsys.readouterr().out.count("Grad-CAM of square") == 4
+    assert main(["explain", str(model), str(paths[0]), "--layer", "features.3", "--out", str(out)]) == 2
+    assert "layer must name a convolution" in capsys.readouterr().err

@@ -36,6 +36,9 @@ _EXPORTS = {
     "scan_folder": "scan",
     "UsageError": "errors",
     "format_summary": "report",
+    "evaluate": "predict",
+    "report": "html_report",
+    "Explanation": "explain",
 }
 
 __all__ = ["__version__", *_EXPORTS]

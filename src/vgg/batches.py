@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from .decoding import assemble, decode, read_jpeg
 from .errors import UsageError
@@ -222,6 +223,7 @@ class Batches(Resumable):
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         sampler: str = "shuffle",
         decode_device: torch.device | str | None = None,
+        progress: bool = False,
     ) -> None:
         if cache not in ("auto", "ram", "none"):
             raise UsageError(f"cache must be one of {{auto, ram, none}}. Received: cache={cache!r}.")
@@ -245,7 +247,7 @@ class Batches(Resumable):
         self.labels: torch.Tensor | None = None
         nbytes = len(self.samples) * 3 * image_size * image_size
         if cache == "ram" or (cache == "auto" and nbytes <= RAM_CACHE_LIMIT):
-            self._decode_all()
+            self._decode_all(progress)
 
     def _loader(self, batches: list[list[int]], transform: Callable | None = None, raw: bool = False) -> DataLoader:
         return DataLoader(
@@ -258,13 +260,15 @@ class Batches(Resumable):
             persistent_workers=False,
         )
 
-    def _decode_all(self) -> None:
+    def _decode_all(self, progress: bool = False) -> None:
         images, labels = [], []
         chunks = [list(range(i, min(i + 256, len(self.samples)))) for i in range(0, len(self.samples), 256)]
-        for batch_images, batch_labels, bad in self._loader(chunks):
-            images.append(batch_images)
-            labels.append(batch_labels)
-            self._record(bad)
+        with tqdm(total=len(self.samples), desc="decode", unit="img", leave=False, disable=not progress) as bar:
+            for batch_images, batch_labels, bad in self._loader(chunks):
+                images.append(batch_images)
+                labels.append(batch_labels)
+                self._record(bad)
+                bar.update(len(batch_labels) + len(bad))
         self.images = torch.cat(images) if images else torch.empty(0, 3, self.image_size, self.image_size)
         self.labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
 

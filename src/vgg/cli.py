@@ -47,6 +47,8 @@ def _add_summary(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", default="vgg16", help="family member (vgg11 ... vgg19_bn); default vgg16")
     p.add_argument("--classes", type=int, default=1000, help="number of output classes; default 1000")
     p.add_argument("--image-size", type=int, default=224, help="input side in pixels; default 224")
+    p.add_argument("--freeze", choices=["none", "features"], default="none",
+                   help="features: count the trunk as non-trainable (as `vgg train --freeze features`)")  # fmt: skip
     p.set_defaults(run=_summary)
 
 
@@ -54,7 +56,7 @@ def _summary(args: argparse.Namespace) -> int:
     from .models import check_arch
     from .report import format_summary
 
-    print(format_summary(check_arch(args.arch), args.classes, args.image_size), end="")
+    print(format_summary(check_arch(args.arch), args.classes, args.image_size, args.freeze), end="")
     return 0
 
 
@@ -323,7 +325,7 @@ def _add_doctor(commands: argparse._SubParsersAction) -> None:
 def _doctor(args: argparse.Namespace) -> int:
     from .doctor import examine, format_report
 
-    report = examine(args.data, args.val)
+    report = examine(args.data, args.val, progress=not args.json and sys.stderr.isatty())
     print(json.dumps(report, indent=2) if args.json else format_report(report), end="" if not args.json else "\n")
     return 1 if report["problems"] else 0
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from tqdm import tqdm
 
 from .batches import default_workers
 from .decoding import decode
@@ -49,14 +50,22 @@ def inspect_image(path: str) -> dict[str, Any]:
     return info
 
 
-def _inspect_all(paths: list[str], workers: int) -> list[dict[str, Any]]:
-    if workers <= 1 or len(paths) < 256:
-        return [inspect_image(p) for p in paths]
-    with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(inspect_image, paths, chunksize=64))
+def _inspect_all(paths: list[str], workers: int, progress: bool = False) -> list[dict[str, Any]]:
+    facts = []
+    with tqdm(total=len(paths), desc="doctor", unit="img", leave=False, disable=not progress) as bar:
+        if workers <= 1 or len(paths) < 256:
+            for fact in map(inspect_image, paths):
+                facts.append(fact)
+                bar.update()
+        else:
+            with ProcessPoolExecutor(workers) as pool:
+                for fact in pool.map(inspect_image, paths, chunksize=64):
+                    facts.append(fact)
+                    bar.update()
+    return facts
 
 
-def _split_report(root: Path, classes: list[str], workers: int) -> dict[str, Any]:
+def _split_report(root: Path, classes: list[str], workers: int, progress: bool = False) -> dict[str, Any]:
     """Counts, bad and other files and image facts for one folder of class folders."""
     bad: list[dict[str, str]] = []
     other: list[str] = []
@@ -74,7 +83,7 @@ def _split_report(root: Path, classes: list[str], workers: int) -> dict[str, Any
         else:
             other.append(path)
     class_of = {p: name for name, paths in images.items() for p in paths}
-    facts = _inspect_all(list(class_of), workers)
+    facts = _inspect_all(list(class_of), workers, progress)
     counts = Counter()
     for fact in facts:
         if "error" in fact:
@@ -163,8 +172,12 @@ def _leakage(train_facts: list[dict[str, Any]], val_facts: list[dict[str, Any]])
     return [[path, f["path"]] for f in val_facts for path in train_hashes.get(f["sha256"], [])]
 
 
-def examine(data: str | Path, val: str | Path | None = None, workers: int | None = None) -> dict[str, Any]:
+def examine(
+    data: str | Path, val: str | Path | None = None, workers: int | None = None, progress: bool = False
+) -> dict[str, Any]:
     """Check a dataset folder (and optionally its validation folder) and report what would go wrong in training.
+
+    ``progress``: a bar (images/s) while the files are read.
 
     Returns:
         A dict with per-split ``counts``, ``bad_files``, ``non_image_files``, ``colour_modes``, ``sizes``,
@@ -181,7 +194,7 @@ def examine(data: str | Path, val: str | Path | None = None, workers: int | None
     problems: list[str] = []
     warns: list[str] = []
     trainable = True
-    splits = {"train": _split_report(root, classes, workers)}
+    splits = {"train": _split_report(root, classes, workers, progress)}
     if val is not None:
         val_root = Path(val)
         val_classes = class_folders(val_root)
@@ -191,7 +204,7 @@ def examine(data: str | Path, val: str | Path | None = None, workers: int | None
                 f"validation classes differ from training classes: missing {sorted(set(classes) - set(val_classes))}, "
                 f"unexpected {sorted(set(val_classes) - set(classes))}"
             )
-        splits["val"] = _split_report(val_root, sorted(set(val_classes) | set(classes)), workers)
+        splits["val"] = _split_report(val_root, sorted(set(val_classes) | set(classes)), workers, progress)
     if len(classes) < 2:
         trainable = False
         problems.append(f"only one class ({classes[0]!r}): at least 2 class folders are needed")

@@ -264,3 +264,6 @@ def write_report(
     path = run_dir / "report.html"
     atomic_write(path, lambda temp: Path(temp).write_text(page, encoding="utf-8"))
     return path
+
+
+report = write_report  # the public name: vgg.report(run_dir, data=None)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .checkpoint import ModelInfo, load_model
 from .decoding import decode
 from .errors import UsageError
-from .evaluation import collect, result_of
+from .evaluation import collect, result_of, write_outputs
 from .explain import Explanation, explain
 from .imagenet import imagenet_samples, is_imagenet, load_imagenet
 from .inference import Step, fit_to_model
@@ -227,6 +227,25 @@ def load(path: str | Path, device: str = "auto", precision: str = "auto", tta: b
     else:
         model, info = load_model(path)
     return Classifier(model, info, device, precision, tta)
+
+
+def evaluate(
+    model: str | Path | Classifier,
+    data: str | Path,
+    out: str | Path | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    tta: bool = False,
+    progress: bool = False,
+) -> dict:
+    """``vgg evaluate`` from Python: every metric of ``model`` (a file, ``imagenet:ARCH`` or a loaded Classifier)
+    on the labelled folder ``data``; with ``out``, also confusion.png/.csv, misclassified.csv and metrics.json.
+    """
+    classifier = model if isinstance(model, Classifier) else load(model, device=device, tta=tta)
+    result = classifier.evaluate(data, batch_size=batch_size, progress=progress)
+    if out is not None:
+        write_outputs(result, out)
+    return result
 
 
 def expand_images(paths: Sequence[str | Path]) -> list[Path]:

@@ -23,13 +23,16 @@ class LayerRow:
     params: int
 
 
-def layer_table(arch: str, num_classes: int, image_size: int) -> tuple[list[LayerRow], int, int]:
+def layer_table(arch: str, num_classes: int, image_size: int, freeze: str = "none") -> tuple[list[LayerRow], int, int]:
     """Each leaf layer's output shape and parameter count, plus total and trainable parameter counts.
+
+    ``freeze="features"`` counts the convolutional trunk as non-trainable, as ``vgg train --freeze features`` runs it.
 
     The model is built on the meta device: shapes and counts without allocating or initialising 138M weights.
     """
     with torch.device("meta"):
         model = build(arch, num_classes=num_classes, image_size=image_size, init_weights=False)
+    model.freeze_features(freeze == "features")
     rows: list[LayerRow] = []
 
     def record(name: str):
@@ -59,9 +62,12 @@ def layer_table(arch: str, num_classes: int, image_size: int) -> tuple[list[Laye
     return rows, total, trainable
 
 
-def format_summary(arch: str, num_classes: int, image_size: int) -> str:
-    """A table like Keras's ``model.summary()``: layer, output shape, parameters, then the totals."""
-    rows, total, trainable = layer_table(arch, num_classes, image_size)
+def format_summary(arch: str, num_classes: int, image_size: int, freeze: str = "none") -> str:
+    """A table like Keras's ``model.summary()``: layer, output shape, parameters, then the totals.
+
+    ``freeze="features"``: the trunk's parameters count as non-trainable (``vgg train --freeze features``).
+    """
+    rows, total, trainable = layer_table(arch, num_classes, image_size, freeze)
     header = ("Layer (type)", "Output Shape", "Param #")
     cells = [
         (f"{r.name} ({r.kind})", "(N, " + ", ".join(map(str, r.output_shape)) + ")", f"{r.params:,}") for r in rows

@@ -134,7 +134,7 @@ def _train(
         size = find_batch_size(model, config.image_size, device, precision, len(data.train), layout)
         config = dataclasses.replace(config, batch_size=size)
         log(f"batch size: {config.batch_size} (auto: the largest power of two that fits)")
-    train_batches, val_batches = make_batches(config, data, device, world)
+    train_batches, val_batches = make_batches(config, data, device, world, progress)
 
     model = model.to(device, memory_format=layout)
     if config.compile:
@@ -143,7 +143,7 @@ def _train(
     if world.distributed:
         # DDP copies rank 0's initial weights to every process; the other streams (dropout, augmentation) differ.
         torch.manual_seed(config.seed + world.rank)
-    log(format_summary(config.arch, len(data.classes), config.image_size))
+    log(format_summary(config.arch, len(data.classes), config.image_size, config.freeze))
     counts = usable_counts(data, train_batches, config)
     log(_data_line(config, data, counts, train_batches, device, precision, world))
     facts = {"device": str(device), "precision": precision, "world_size": world.world_size}
@@ -292,13 +292,18 @@ def _moved(config: TrainConfig, saved: SavedRun) -> dict[str, str]:
     return moved
 
 
-def make_batches(config: TrainConfig, data: Data, device: torch.device, world: World) -> tuple[Batches, Batches]:
-    """Training batches (shuffled, augmented per image if asked) and validation batches, sharded under DDP."""
+def make_batches(
+    config: TrainConfig, data: Data, device: torch.device, world: World, progress: bool = False
+) -> tuple[Batches, Batches]:
+    """Training batches (shuffled, augmented per image if asked) and validation batches, sharded under DDP.
+
+    ``progress``: a bar over the one-time decoding pass of datasets small enough to keep in memory.
+    """
     pin = device.type == "cuda"
     decode_device = device if config.decode == "device" or (config.decode == "auto" and device.type == "cuda") else None
     common = dict(
         workers=config.workers, cache=config.cache, pin_memory=pin, rank=world.rank, world_size=world.world_size,
-        decode_device=decode_device,
+        decode_device=decode_device, progress=progress,
     )  # fmt: skip
     train_batches = Batches(
         data.train, config.image_size, config.batch_size, shuffle=True, seed=config.seed, drop_last=True,
