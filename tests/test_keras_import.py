@@ -27,7 +27,7 @@ from vgg.cli import main  # noqa: E402
 from vgg.errors import UsageError  # noqa: E402
 from vgg.inference import fit_to_model  # noqa: E402
 from vgg.keras_files import is_keras_file  # noqa: E402
-from vgg.keras_import import import_keras, load_keras, read_keras  # noqa: E402
+from vgg.keras_import import find_class_names, import_keras, load_keras, read_keras  # noqa: E402
 from vgg.predict import load  # noqa: E402
 from vgg.weights import read_weights  # noqa: E402
 
@@ -161,6 +161,35 @@ def test_applications_weights_predict_as_keras_with_caffe_preprocessing(applicat
     assert_same(theirs, ours(out, images))
 
 
+def test_keras2_file_of_the_tutorial(tutorial, images, tmp_path: Path) -> None:
+    """The layout Keras 2 wrote for the tutorial's ``Conv2D(input_shape=...)`` model: ``batch_input_shape`` on the
+    first layer, Keras 2.2's bare layer list, weight names ``conv2d/kernel:0``, byte-string attributes."""
+    import h5py
+
+    files, theirs = tutorial
+    with h5py.File(files["h5"], "r") as source, h5py.File(tmp_path / "keras2.h5", "w") as target:
+        config = json.loads(source.attrs["model_config"])
+        layers = config["config"]["layers"]
+        input_shape = layers.pop(0)["config"]["batch_shape"]  # Keras 2 had no InputLayer entry here
+        layers[0]["config"]["batch_input_shape"] = input_shape
+        config["config"] = layers
+        target.attrs["model_config"] = json.dumps(config).encode()
+        target.attrs["keras_version"] = b"2.2.4"
+        weights = target.create_group("model_weights")
+        names = [layer["config"]["name"] for layer in layers]
+        weights.attrs["layer_names"] = np.array([name.encode() for name in names])
+        for name in names:
+            group, stored = weights.create_group(name), source["model_weights"][name]
+            paths = [path.decode() if isinstance(path, bytes) else path for path in stored.attrs["weight_names"]]
+            renamed = [f"{name}/{path.rsplit('/', 1)[1]}:0" for path in paths]
+            for path, new in zip(paths, renamed, strict=True):
+                group.create_dataset(new, data=stored[path][()])
+            group.attrs["weight_names"] = np.array([new.encode() for new in renamed])
+    out, info = import_keras(tmp_path / "keras2.h5")
+    assert (info.arch, info.image_size) == ("vgg16", SIZE)
+    assert_same(theirs, ours(out, images))
+
+
 def test_vgg19_and_sigmoid_output(images: list[Path], tmp_path: Path) -> None:
     """keras.applications.VGG19 maps onto vgg19; a 1-unit sigmoid output becomes two classes (1 - p, p)."""
     vgg19 = keras.applications.VGG19(weights=None, include_top=False, input_shape=(32, 32, 3))
@@ -228,6 +257,81 @@ def test_non_vgg_and_unsupported_variants_are_refused_in_one_line(tmp_path: Path
     (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all")
     with pytest.raises(UsageError, match="is not a Keras file: expected an HDF5 file"):
         read_keras(tmp_path / "junk.h5")
+
+
+def legacy_file(path: Path, layers: list[dict], weights: dict[str, list[np.ndarray]]) -> Path:
+    """A small hand-made legacy HDF5 model file: ``layers`` as Keras configs, ``weights`` by layer name."""
+    import h5py
+
+    with h5py.File(path, "w") as handle:
+        handle.attrs["model_config"] = json.dumps({"class_name": "Sequential", "config": {"layers": layers}})
+        group = handle.create_group("model_weights")
+        group.attrs["layer_names"] = np.array([layer["config"]["name"].encode() for layer in layers])
+        for layer in layers:
+            name = layer["config"]["name"]
+            sub = group.create_group(name)
+            arrays = weights.get(name, [])
+            for i, array in enumerate(arrays):
+                sub.create_dataset(f"{name}/w{i}", data=array)
+            sub.attrs["weight_names"] = np.array([f"{name}/w{i}".encode() for i in range(len(arrays))])
+    return path
+
+
+def conv(name: str, **config) -> dict:
+    base = {"name": name, "filters": 64, "kernel_size": [3, 3], "padding": "same", "activation": "relu"}
+    return {"class_name": "Conv2D", "config": {**base, **config}}
+
+
+@pytest.mark.parametrize(
+    ("layers", "weights", "message"),
+    [
+        ([{"class_name": "InputLayer", "config": {"name": "in", "batch_shape": [None, 32, 48, 3]}}, conv("c")], {},
+         r"input shape \(32, 48, 3\); vgg models take square RGB images"),
+        ([conv("c"), {"class_name": "MaxPooling2D", "config": {"name": "p", "pool_size": [3, 3]}}], {},
+         r"MaxPooling2D 'p' has pool_size=\(3, 3\), strides=\(3, 3\); VGG's are 2x2"),
+        ([conv("c", activation="tanh")], {}, "Conv2D 'c' has activation='tanh', VGG's is 'relu'"),
+        ([conv("c"), {"class_name": "MaxPooling2D", "config": {"name": "p"}}], {},
+         r"its convolutions \(64 M\) are none of vgg11/vgg13/vgg16/vgg19. Found: Conv2D, MaxPooling2D"),
+        ([conv("c")], {"c": [np.array([b"code"]), np.zeros(64)]}, r"holds \|S4 data; expected the float weights"),
+    ],
+)  # fmt: skip
+def test_refusals_name_what_was_found(tmp_path: Path, layers, weights, message) -> None:
+    with pytest.raises(UsageError, match=message) as error:
+        read_keras(legacy_file(tmp_path / "m.h5", layers, weights))
+    one_line(error)
+
+
+def test_files_that_are_not_keras_models(tmp_path: Path) -> None:
+    import zipfile
+
+    import h5py
+
+    h5py.File(tmp_path / "other.h5", "w").create_dataset("x", data=np.zeros(3))
+    with pytest.raises(UsageError, match="is an HDF5 file but not a Keras model or weights file"):
+        read_keras(tmp_path / "other.h5")
+    with zipfile.ZipFile(tmp_path / "m.keras", "w") as archive:
+        archive.writestr("config.json", "{}")
+    with pytest.raises(UsageError, match=r"\.keras archive without model.weights.h5. Found: config.json"):
+        read_keras(tmp_path / "m.keras")
+    with pytest.raises(
+        UsageError, match=r"preprocessing must be one of \{auto, raw, caffe\}. Received: preprocessing='bgr'"
+    ):
+        read_keras(tmp_path / "m.keras", preprocessing="bgr")
+    with pytest.raises(UsageError, match="Keras file not found"):
+        read_keras(tmp_path / "missing.h5")
+
+
+def test_class_indices_files_are_checked(tmp_path: Path) -> None:
+    model = tmp_path / "m.weights.h5"
+    assert find_class_names(model, 2) is None
+    (tmp_path / "m.class_indices.json").write_text('["cat", "dog"]')
+    assert find_class_names(model, 2) == ["cat", "dog"]
+    (tmp_path / "m.class_indices.json").write_text('{"cat": 0, "dog": 2}')
+    with pytest.raises(UsageError, match=r"indices must be 0..1, each once"):
+        find_class_names(model, 2)
+    (tmp_path / "m.class_indices.json").write_text("{cat: 0")
+    with pytest.raises(UsageError, match="m.class_indices.json is not JSON"):
+        find_class_names(model, 2)
 
 
 def test_lambda_layer_is_refused_and_nothing_runs(tmp_path: Path) -> None:

@@ -82,7 +82,7 @@ def summarize(layers: list[KerasLayer]) -> str:
 
 
 def _unsupported(kf: KerasFile, detail: str) -> UsageError:
-    return UsageError(f"{kf.path} is not a VGG vgg can import: {detail}. Found: {summarize(kf.layers)}. {SUPPORTED}.")
+    return UsageError(f"{kf.path} is not a supported VGG: {detail}. Found: {summarize(kf.layers)}. {SUPPORTED}.")
 
 
 def _activation(value: Any) -> str:
