@@ -68,11 +68,11 @@ class KerasVGG:
 
     @property
     def mean(self) -> list[float]:
-        return PREPROCESSING[self.preprocessing][0]
+        return list(PREPROCESSING[self.preprocessing][0])
 
     @property
     def std(self) -> list[float]:
-        return PREPROCESSING[self.preprocessing][1]
+        return list(PREPROCESSING[self.preprocessing][1])
 
 
 def summarize(layers: list[KerasLayer]) -> str:
