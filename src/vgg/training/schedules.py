@@ -29,14 +29,19 @@ class Schedule:
         self.warmup = min(total - 1, round(config.warmup_epochs * steps_per_epoch))
         self.kind = config.schedule
         self.plateau: ReduceLROnPlateau | None = None
-        if self.kind == "onecycle":
+        if self.kind == "onecycle" and total >= 2:
             # Momentum cycling on plain SGD (momentum 0) would switch momentum on: only cycle what is there.
             cycle = config.optimizer != "sgd" or config.momentum > 0
+            # OneCycleLR divides by (rise steps - 1) and by the fall's length, so the rise must last more than one
+            # step and less than the run; without a warm-up it starts at the peak (div_factor 1) and stays there
+            # for that short rise.
+            rise = min(max(self.warmup, 2), max(total / 2, 1.5))
             self.per_step: LambdaLR | OneCycleLR = OneCycleLR(
                 optimizer,
                 max_lr=[group["lr"] for group in optimizer.param_groups],
                 total_steps=total,
-                pct_start=min(0.5, max(1, self.warmup) / total),
+                pct_start=rise / total,
+                div_factor=25.0 if self.warmup > 0 else 1.0,
                 cycle_momentum=cycle,
             )
             return
