@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .decoding import assemble, decode, read_jpeg
+from .decoding import Fallbacks, Packed, assemble, decode, read_jpeg
 from .errors import UsageError
 from .scan import Sample
 
@@ -85,12 +85,16 @@ def _collate(items: list[tuple[torch.Tensor | None, int, str, str]]) -> tuple[to
     return images, torch.tensor([label for _, label in good]), bad
 
 
-def _collate_mixed(items: list) -> tuple[list, torch.Tensor, list, list[str]]:
-    """Like ``_collate``, but images stay a list: decoded tensors and ``Encoded`` bytes, with their paths."""
+def _collate_mixed(items: list) -> tuple[Packed, torch.Tensor, list, list[str]]:
+    """Like ``_collate``, but for decoded tensors and ``Encoded`` bytes, packed into a few tensors, with their paths.
+
+    Packed, a batch crosses from a loader worker as five shared-memory descriptors whatever its size (one per image
+    ran out of file descriptors at large batches: ``decoding.Packed``).
+    """
     good = [(image, label, path) for image, label, path, _ in items if image is not None]
     bad = [(path, reason) for image, _, path, reason in items if image is None]
     labels = torch.tensor([label for _, label, _ in good], dtype=torch.long)
-    return [image for image, _, _ in good], labels, bad, [path for _, _, path in good]
+    return Packed.pack([image for image, _, _ in good]), labels, bad, [path for _, _, path in good]
 
 
 class FittedImages(Dataset):
@@ -243,6 +247,8 @@ class Batches(Resumable):
         self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
         self.skipped: list[tuple[str, str]] = []
+        # JPEGs the batch decoder handed to the host decoder, by reason: the run reports them at its end.
+        self.fallbacks = Fallbacks()
         self.images: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
         nbytes = len(self.samples) * 3 * image_size * image_size
@@ -328,9 +334,16 @@ class Batches(Resumable):
             for images, labels, bad, *paths in self._loader(batches, self.transform, raw=raw):
                 self._record(bad)
                 if raw:
-                    images, labels, bad = assemble(images, labels, paths[0], self.image_size, self.decode_device)
+                    images, labels, bad = assemble(
+                        images, labels, paths[0], self.image_size, self.decode_device, self.fallbacks
+                    )
                     self._record(bad)
                 self.position += 1
                 if len(labels):
                     yield images, labels
+                elif self.world_size > 1:
+                    # Every file of this process's batch was bad. The batch is still handed out (empty): under DDP
+                    # every process must take the same number of steps, or the others wait forever in an all-reduce.
+                    size = self.image_size
+                    yield torch.empty(0, 3, size, size, dtype=torch.uint8, device=images.device), labels[:0]
         self._end_epoch()

@@ -15,7 +15,11 @@ accepts and skips exactly what ``decode`` does.
 from __future__ import annotations
 
 import io
+import logging
 import warnings
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +29,10 @@ from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
+from .runtime import device_failure
 from .scan import sniff
+
+log = logging.getLogger(__name__)
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they remain the fastest decoders in our stack.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
@@ -167,27 +174,86 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return image
 
 
+def _raise_if_device_failure(error: RuntimeError) -> None:
+    """Re-raise what is the device's fault (out of memory, CUDA errors): only a file's fault may fall back."""
+    if device_failure(error):
+        raise error
+
+
+class Fallbacks:
+    """Counts what the batch decoder handed to the host decoder, saying each reason once (a log warning).
+
+    The run reports the counts at its end (``summary``): a slow host path taken silently is a slow run unexplained.
+    """
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def note(self, reason: str, error: BaseException | None = None) -> None:
+        if reason not in self.counts:
+            log.warning("%s%s (said once; counted in the run's output)", reason, f": {error}" if error else "")
+        self.counts[reason] += 1
+
+    def summary(self) -> str:
+        """One line with the count of each reason, or "" when nothing fell back."""
+        if not self.counts:
+            return ""
+        return "decoder fallbacks: " + "; ".join(f"{n} x {reason}" for reason, n in self.counts.most_common())
+
+
+# The process's fallbacks: decode_batch counts here unless given its own.
+FALLBACKS = Fallbacks()
+
+
+@contextmanager
+def _ordered(device: torch.device) -> Iterator[None]:
+    """Order a device decode after the queued work and the queued work after it.
+
+    nvJPEG decodes on its own stream (and the H100's hardware JPEG engine ignores stream order), while its output
+    comes from the caching allocator, which may hand out memory that kernels queued on the training stream still
+    read: without a wait, the decoder can write into a live gradient (pytorch/vision#9606). So the device finishes
+    its queue first, and the decode finishes before anything queued later reads its output.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    torch.cuda.synchronize(device)
+    yield
+    torch.cuda.synchronize(device)
+
+
+def _decode_on(datas: list[torch.Tensor], device: torch.device, fallbacks: Fallbacks) -> list[torch.Tensor | None]:
+    """Decode in one batched call; when it fails, each half is tried again, so an odd file costs only itself.
+
+    ``None`` marks a file the device decoder rejects (left to the host decoder).
+    """
+    try:
+        with _ordered(device):
+            return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError as error:
+        _raise_if_device_failure(error)
+        if len(datas) == 1:
+            fallbacks.note("a JPEG the batch decoder rejects, decoded on the host", error)
+            return [None]
+    half = len(datas) // 2
+    return _decode_on(datas[:half], device, fallbacks) + _decode_on(datas[half:], device, fallbacks)
+
+
 def decode_batch(
-    items: list[Encoded], image_size: int, device: torch.device | str
+    items: list[Encoded], image_size: int, device: torch.device | str, fallbacks: Fallbacks | None = None
 ) -> list[torch.Tensor | tuple[None, str]]:
     """Decode JPEGs on ``device`` in one call and squash each to ``image_size``; a failure gives ``(None, reason)``.
 
-    One corrupt file fails a whole batched call, so then each image is decoded on its own, and one that still fails
-    is decoded on the host, whose decoder is more forgiving (libjpeg-turbo shows what a truncated file holds).
+    One corrupt file fails a whole batched call, so then the batch is split until the odd files are alone (the
+    rest still decoded in batched calls), and each of those is decoded on the host, whose decoder is more
+    forgiving (libjpeg-turbo shows what a truncated file holds). Each fallback is counted in ``fallbacks`` (the
+    process's ``FALLBACKS`` by default). Out-of-memory and CUDA errors are raised, never taken for a bad file.
     """
     if not items:
         return []
-    try:
-        decoded: list[torch.Tensor | None] = list(
-            decode_jpeg([item.data for item in items], mode=ImageReadMode.RGB, device=device)
-        )
-    except RuntimeError:
-        decoded = []
-        for item in items:
-            try:
-                decoded.append(decode_jpeg(item.data, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
-                decoded.append(None)
+    device = torch.device(device)
+    fallbacks = FALLBACKS if fallbacks is None else fallbacks
+    decoded = _decode_on([item.data for item in items], device, fallbacks)
     out: list[torch.Tensor | tuple[None, str]] = []
     for item, image in zip(items, decoded, strict=True):
         if image is None:
@@ -204,16 +270,66 @@ def decode_batch(
     return out
 
 
+@dataclass
+class Packed:
+    """A loader batch of ``Encoded`` JPEGs and host-decoded images as four tensors, whatever its size.
+
+    A tensor sent from a loader worker travels as one shared-memory file descriptor: one per image ran out of
+    descriptors at large batches (a batch of 300 held 317; with ``ulimit -n 1024`` and 8 workers the workers died
+    and the training process waited forever). So a worker packs the JPEG bytes back to back (``offsets`` mark where
+    each starts) and stacks the images it decoded itself.
+    """
+
+    data: torch.Tensor  # every JPEG's bytes, back to back (uint8)
+    offsets: torch.Tensor  # where each JPEG starts, and where the last ends (int64, one more than the JPEGs)
+    orientations: torch.Tensor  # each JPEG's EXIF orientation (int64)
+    decoded: torch.Tensor  # the images decoded in the worker, N x 3 x S x S uint8
+    is_jpeg: torch.Tensor  # per batch position: an Encoded JPEG (True) or the next decoded image (False)
+
+    @classmethod
+    def pack(cls, items: list[torch.Tensor | Encoded]) -> Packed:
+        jpegs = [item for item in items if isinstance(item, Encoded)]
+        images = [item for item in items if not isinstance(item, Encoded)]
+        sizes = torch.tensor([0] + [len(item.data) for item in jpegs], dtype=torch.int64)
+        return cls(
+            data=torch.cat([item.data for item in jpegs]) if jpegs else torch.empty(0, dtype=torch.uint8),
+            offsets=sizes.cumsum(0),
+            orientations=torch.tensor([item.orientation for item in jpegs], dtype=torch.int64),
+            decoded=torch.stack(images) if images else torch.empty(0, dtype=torch.uint8),
+            is_jpeg=torch.tensor([isinstance(item, Encoded) for item in items], dtype=torch.bool),
+        )
+
+    def unpack(self) -> list[torch.Tensor | Encoded]:
+        """The batch's items in order: ``Encoded`` views into ``data`` and the decoded images."""
+        bounds, orientations = self.offsets.tolist(), self.orientations.tolist()
+        jpegs = iter(Encoded(self.data[a:b], o) for a, b, o in zip(bounds, bounds[1:], orientations, strict=False))
+        images = iter(self.decoded)
+        return [next(jpegs) if is_jpeg else next(images) for is_jpeg in self.is_jpeg.tolist()]
+
+    def __len__(self) -> int:
+        return len(self.is_jpeg)
+
+
 def assemble(
-    items: list[torch.Tensor | Encoded], labels: torch.Tensor, paths: list[str], image_size: int, device: torch.device
+    items: list[torch.Tensor | Encoded] | Packed,
+    labels: torch.Tensor,
+    paths: list[str],
+    image_size: int,
+    device: torch.device,
+    fallbacks: Fallbacks | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
     """A loader batch of decoded images and JPEG bytes -> one uint8 batch on ``device``, in the loader's order.
 
-    Returns the images, their labels and the (path, reason) of each JPEG that could not be decoded at all.
+    Returns the images, their labels and the (path, reason) of each JPEG that could not be decoded at all. A batch
+    where nothing decoded is an empty 0 x 3 x S x S batch (never left out: under DDP every process must take the
+    same number of steps).
     """
+    if isinstance(items, Packed):
+        items = items.unpack()
     encoded = [i for i, item in enumerate(items) if isinstance(item, Encoded)]
     images: list = list(items)
-    for i, image in zip(encoded, decode_batch([items[i] for i in encoded], image_size, device), strict=True):
+    decoded = decode_batch([items[i] for i in encoded], image_size, device, fallbacks)
+    for i, image in zip(encoded, decoded, strict=True):
         images[i] = image
     keep = [i for i, image in enumerate(images) if isinstance(image, torch.Tensor)]
     bad = [(paths[i], image[1]) for i, image in enumerate(images) if not isinstance(image, torch.Tensor)]

@@ -67,3 +67,23 @@ def training_memory_format(device: torch.device, precision: str, image_size: int
     if device.type != "cpu" or precision != "fp32" or image_size < 128:
         return torch.channels_last
     return torch.contiguous_format
+
+
+# What cuDNN, cuBLAS and the caching allocator say when a device runs out of memory: only some of them raise
+# torch.cuda.OutOfMemoryError; the others are plain RuntimeErrors naming their status.
+_MEMORY_MESSAGES = ("out of memory", "alloc_failed", "cublas_status_not_initialized", "failed to allocate")
+# What a broken device or context says: nothing later on that device can be trusted, so these are never retried.
+_DEVICE_MESSAGES = ("cuda error", "cudaerror", "device-side assert", "illegal memory access", "launch failure")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` means the device ran out of memory (whatever library raised it)."""
+    if isinstance(error, torch.cuda.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _MEMORY_MESSAGES)
+
+
+def device_failure(error: BaseException) -> bool:
+    """Whether ``error`` is the device's failure (out of memory, a CUDA error) rather than the input's."""
+    return out_of_memory(error) or (isinstance(error, RuntimeError) and any(
+        m in str(error).lower() for m in _DEVICE_MESSAGES))  # fmt: skip

@@ -74,6 +74,9 @@ class TrainConfig:
     max_per_class: int | None = setting(None, "use at most this many training images per class", low=1)
     seed: int = setting(0, "seed for the split, initialisation and shuffling")
     deterministic: bool = setting(False, "deterministic kernels only (torch.use_deterministic_algorithms)")
+    deterministic_warn_only: bool = setting(
+        False, "with --deterministic: warn at an op with no deterministic kernel instead of stopping", resumable=True
+    )
     save_every_steps: int = setting(0, "also save state.pt every N steps, for mid-epoch resume", low=0, resumable=True)
     tensorboard: bool = setting(
         False, "write TensorBoard files to RUN_DIR/tensorboard (vgg[tensorboard])", resumable=True

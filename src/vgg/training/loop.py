@@ -114,39 +114,64 @@ def train_one_epoch(
     lr = optimizer.param_groups[0]["lr"]
     bar = tqdm(batches, desc=description, leave=False, disable=not progress, unit="batch", dynamic_ncols=True)
     for i, (images, labels) in enumerate(bar, start):
-        if len(labels) == 0:
+        empty = len(labels) == 0
+        if empty and not isinstance(model, DistributedDataParallel):
             continue
-        inputs = step.inputs(images, transform)
-        labels = labels.to(step.device, non_blocking=True)
-        targets = labels
-        if mixer is not None:
-            inputs, targets = mixer(inputs, labels)
         # The last group of an epoch may be short: average over the batches it really has.
         group = min(accumulate, n - i // accumulate * accumulate)
         boundary = (i + 1) % accumulate == 0 or i + 1 == n
         # Under DDP, gradients are averaged across processes only on the group's last backward pass.
         sync = model.no_sync() if not boundary and isinstance(model, DistributedDataParallel) else nullcontext()
-        with sync:
-            with autocast(step.device, step.precision):
-                logits = model(inputs)
-                loss = F.cross_entropy(logits.float(), targets, weight=class_weights, label_smoothing=label_smoothing)
-            scaled = loss / group if group > 1 else loss
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        totals.loss_sum += loss.detach() * len(labels)
-        totals.correct += (logits.argmax(1) == labels).sum()
-        totals.seen += len(labels)
+        if empty:
+            # Every file of this process's batch was bad (Batches hands it out empty under DDP). The others' backward
+            # passes wait for this one's gradients, and every process must step and checkpoint together: a pass
+            # that contributes zero gradients keeps them in step.
+            with sync:
+                _zero_pass(model, step, images.shape[-1], scaler)
+        else:
+            inputs = step.inputs(images, transform)
+            labels = labels.to(step.device, non_blocking=True)
+            targets = labels
+            if mixer is not None:
+                inputs, targets = mixer(inputs, labels)
+            with sync:
+                with autocast(step.device, step.precision):
+                    logits = model(inputs)
+                    loss = F.cross_entropy(
+                        logits.float(), targets, weight=class_weights, label_smoothing=label_smoothing
+                    )
+                scaled = loss / group if group > 1 else loss
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            totals.loss_sum += loss.detach() * len(labels)
+            totals.correct += (logits.argmax(1) == labels).sum()
+            totals.seen += len(labels)
         if boundary:
             lr = optimizer.param_groups[0]["lr"]
             _optimizer_step(model, optimizer, scaler, clip_grad_norm)
             schedule.step()
             if on_step is not None:
                 on_step(totals, i + 1)
-        if progress and (i % 10 == 0):
+        if progress and i % 10 == 0 and totals.seen:
             rate = (totals.seen - seen_before) / (time.perf_counter() - started)
             bar.set_postfix(loss=f"{totals.loss_sum.item() / totals.seen:.4f}",
                             acc=f"{totals.correct.item() / totals.seen:.4f}", img_s=f"{rate:.1f}")  # fmt: skip
     rate = (totals.seen - seen_before) / (time.perf_counter() - started)
     return {**totals.summary(rate), "lr": lr}
+
+
+def _zero_pass(model: nn.Module, step: Step, image_size: int, scaler: torch.amp.GradScaler | None) -> None:
+    """A forward and backward pass that adds nothing to any gradient, for a process whose batch was empty.
+
+    One blank image goes through in eval mode, so batch-norm statistics and dropout streams stay as they were.
+    """
+    model.eval()
+    try:
+        blank = step.inputs(torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8))
+        with autocast(step.device, step.precision):
+            loss = model(blank).float().sum() * 0.0
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+    finally:
+        model.train()
 
 
 def _optimizer_step(
@@ -194,6 +219,22 @@ class EarlyStopping:
         return self.patience > 0 and self.bad_epochs >= self.patience
 
 
+def match_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """Give each parameter's optimizer state (momentum, Adam's moments) the parameter's device and memory layout.
+
+    ``Optimizer.load_state_dict`` moves state to the parameter's device but keeps the layout it was saved in: a run
+    saved where parameters were NCHW (fp32 on a CPU at >= 128 px) and resumed where they are channels-last (CUDA)
+    would mix layouts, which the fused CUDA kernels refuse, and elementwise updates between mismatched layouts are
+    slow everywhere. Scalars (Adam's step count) are left as loaded.
+    """
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            for key, value in optimizer.state.get(parameter, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == parameter.shape and value.ndim > 0:
+                    matched = torch.empty_like(parameter, dtype=value.dtype)  # the parameter's strides and device
+                    optimizer.state[parameter][key] = matched.copy_(value)
+
+
 @dataclass
 class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
@@ -237,6 +278,7 @@ class Optimisation:
     def load_state_dict(self, state: dict[str, Any], batches: Sized) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        match_parameters(self.optimizer)
         self.schedule.load_state_dict(state["schedule"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
@@ -249,7 +291,7 @@ class Optimisation:
         if state["batches"] is not None and hasattr(batches, "load_state_dict"):
             batches.load_state_dict(state["batches"])
         # One entry per process: each continues its own dropout and augmentation stream.
-        set_rng_states(state["rng"][rank()] if rank() < len(state["rng"]) else state["rng"][0])
+        set_rng_states(state["rng"][rank()] if rank() < len(state["rng"]) else state["rng"][0], self.device)
 
     def record(self, epoch: int, train: dict[str, float], val: dict, seconds: float) -> bool:
         """Add an epoch's history row; returns whether the monitored metric improved."""

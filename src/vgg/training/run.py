@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,7 +132,9 @@ def _train(
     preprocessing = prepare(model, config, data.classes, log)
     layout = training_memory_format(device, precision, config.image_size)
     if config.batch_size == "auto":
-        size = find_batch_size(model, config.image_size, device, precision, len(data.train), layout)
+        size = find_batch_size(
+            model, config.image_size, device, precision, len(data.train), layout, config.unfreeze_at is not None
+        )
         config = dataclasses.replace(config, batch_size=size)
         log(f"batch size: {config.batch_size} (auto: the largest power of two that fits)")
     train_batches, val_batches = make_batches(config, data, device, world, progress)
@@ -180,6 +183,9 @@ def _train(
     run_dir.write_skipped(skipped)
     if skipped:
         log(f"skipped {len(skipped)} unreadable files, listed in {run_dir.path / 'skipped.csv'}")
+    for name, batches in (("training", train_batches), ("validation", val_batches)):
+        if batches.fallbacks.counts:
+            log(f"{name} {batches.fallbacks.summary()}")
     if result.best_value is not None:
         log(f"best {config.monitor} {result.best_value:.4f} at epoch {result.best_epoch}; model: {run_dir.best}")
     if world.main:
@@ -238,8 +244,12 @@ def _set_kernels(config: TrainConfig, device: torch.device, world: World) -> Non
         # DDP registers the parameters that need gradients when it wraps the model; later unfreezing is unseen.
         raise UsageError("--unfreeze-at is not supported under torchrun yet: train frozen, then --weights RUN/best...")
     if config.deterministic:
-        # Ops with no deterministic kernel (a few CUDA backward passes) warn rather than stop a long run.
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        # cuBLAS is deterministic only with a fixed workspace, read when its first handle is made (no matmul has run
+        # on the device yet); a value the user set is theirs.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # An op with no deterministic kernel stops the run (what --deterministic promises), unless the user asked
+        # for a warning instead.
+        torch.use_deterministic_algorithms(True, warn_only=config.deterministic_warn_only)
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         # Input shapes are fixed for the whole run, so cuDNN's one-off search for the fastest kernels pays back.
