@@ -18,7 +18,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The web page tests drive Debian's headless chromium (tests/browser.py); installed here when missing.
 test: setup
+	@if [ ! -x /usr/bin/chromedriver ] && command -v apt-get >/dev/null; then \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver; \
+	fi
 	$(BIN)/pytest -q
 
 lint: setup

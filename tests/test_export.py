@@ -33,7 +33,8 @@ def model_file(tmp_path_factory) -> Path:
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.2, 0.2)
             module.running_var.uniform_(0.5, 1.5)
-    save_model(path, model, ModelInfo("vgg11_bn", CLASSES, 32, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]))
+    # A fitted temperature other than 1, so the export must divide the logits by it as `vgg predict` does.
+    save_model(path, model, ModelInfo("vgg11_bn", CLASSES, 32, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3], temperature=1.7))
     return path
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import http.client
 import io
 import json
 import os
@@ -11,8 +13,7 @@ import struct
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -26,7 +27,9 @@ from PIL import Image
 
 from vgg import cli
 from vgg.checkpoint import ModelInfo, save_model
+from vgg.decode_pool import DecoderCrashed, DecoderPool, Limits, decode_for_model
 from vgg.models import build
+from vgg.runtime import pick_precision
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -34,9 +37,11 @@ pytest.importorskip("uvicorn")
 CLASSES = ["cat", "dog", "fox"]
 TOKEN = "s3cret-token"
 ORIGIN = "http://allowed.example"
-# bf16 on CPUs with native bf16 (as `vgg predict` runs there): the same image in a batch of another size may round
-# differently; fp32 elsewhere gives equal numbers to ~1e-7.
-PROBABILITY_TOLERANCE = 2e-3
+# `vgg predict` runs in bf16 on CPUs with native bf16, else fp32. The torch backend runs as it does (only the batch
+# around an image differs, which moves bf16 rounding by <1e-3); onnxruntime runs fp32, which differs from bf16 by
+# bf16's rounding (~1e-2) and from fp32 by ~1e-7.
+BF16 = pick_precision("auto", torch.device("cpu")) == "bf16"
+TOLERANCE = {"torch": 2e-3, "onnxruntime": 2e-2 if BF16 else 1e-5}
 
 
 def _free_port() -> int:
@@ -48,9 +53,11 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def running_server(model: Path, *args: str, env: dict | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
     port = _free_port()
+    # The onnxruntime backend caches its export of the model there: a temp folder, not the user's ~/.cache.
+    env = {"VGG_CACHE_DIR": str(model.parent / "cache"), **(env or {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "vgg", "serve", str(model), "--port", str(port), "--workers", "1", *args],
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -77,12 +84,22 @@ def running_server(model: Path, *args: str, env: dict | None = None) -> Iterator
 
 
 def _request(url: str, data: bytes | None = None, headers: dict | None = None, method: str | None = None):
-    request = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), error.read()
+        try:
+            connection.request(
+                method or ("POST" if data is not None else "GET"),
+                parts.path + (f"?{parts.query}" if parts.query else ""),
+                body=data,
+                headers=headers or {},
+            )
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # a server may answer (413) and close before a too-large body is all sent: read its answer
+        response = connection.getresponse()
+        return response.status, dict(response.headers), response.read()
+    finally:
+        connection.close()
 
 
 def _get(url: str, headers: dict | None = None) -> tuple[int, dict]:
@@ -197,31 +214,41 @@ def _vgg_predict_json(model: Path, paths: list[Path], capsys) -> list[dict]:
     return json.loads(capsys.readouterr().out)
 
 
-def _same(served: dict, expected: dict) -> None:
+def _same(served: dict, expected: dict, tolerance: float) -> None:
     assert served["label"] == expected["label"]
     assert [t["label"] for t in served["top_k"]] == [t["label"] for t in expected["top_k"]]
     for got, want in zip(served["top_k"], expected["top_k"], strict=True):
-        assert got["probability"] == pytest.approx(want["probability"], abs=PROBABILITY_TOLERANCE)
+        assert got["probability"] == pytest.approx(want["probability"], abs=tolerance)
 
 
-def test_good_images_answer_as_vgg_predict_does(server, model_file, images, capsys):
-    url, _ = server
+def _answers_as_vgg_predict(url: str, model_file: Path, images: dict, capsys, headers: dict | None = None) -> None:
+    backend = _get(url + "/model", headers)[1]["backend"]
     paths = list(images.values())
     expected = _vgg_predict_json(model_file, paths, capsys)
-    status, answer = _post_files(url, [(p.name, p.read_bytes()) for p in paths], query="?top_k=3")
+    files = [(p.name, p.read_bytes()) for p in paths]
+    status, answer = _post_files(url, files, query="?top_k=3", headers=headers)
     assert status == 200
     assert [p["image"] for p in answer["predictions"]] == [p.name for p in paths]
     for served, want in zip(answer["predictions"], expected, strict=True):
-        _same(served, want)
-    status, one = _post_image(url, images["noise.jpg"].read_bytes(), "image/jpeg")
+        _same(served, want, TOLERANCE[backend])
+    status, one = _post_image(url, images["noise.jpg"].read_bytes(), "image/jpeg", headers)
     assert status == 200 and len(one["predictions"]) == 1
-    _same({**one["predictions"][0], "top_k": one["predictions"][0]["top_k"][:3]}, expected[1])
+    _same({**one["predictions"][0], "top_k": one["predictions"][0]["top_k"][:3]}, expected[1], TOLERANCE[backend])
+
+
+def test_good_images_answer_as_vgg_predict_does(server, model_file, images, capsys):
+    _answers_as_vgg_predict(server[0], model_file, images, capsys)
+
+
+def test_torch_backend_answers_as_vgg_predict_does(guarded, model_file, images, capsys):
+    _answers_as_vgg_predict(guarded, model_file, images, capsys, {"Authorization": f"Bearer {TOKEN}"})
 
 
 def test_model_and_metrics_describe_the_server(server):
     url, _ = server
     status, model = _get(url + "/model")
     assert status == 200 and model["classes"] == CLASSES and model["input_size"] == 32 and model["arch"] == "vgg11"
+    assert model["backend"] == ("torch" if torch.cuda.is_available() else "onnxruntime")  # the measured default
     assert model["preprocessing"]["mean"] == [0.5] * 3 and model["versions"]["torch"] == torch.__version__
     status, metrics = _get(url + "/metrics")
     assert (
@@ -237,7 +264,8 @@ BAD_INPUTS = [
     ("too many frames", (_gif(101), "image/gif"), 413, "too_many_frames"),
     ("wrong content type", (b"{}", "application/json"), 415, "wrong_content_type"),
     ("body too large", (b"\x89PNG" + b"\0" * (2 * 1024**2), "image/png"), 413, "body_too_large"),
-    ("crashing decoder", (crashing_png(), "image/png"), 422, "decoder_crashed"),
+    # torchvision's libpng decoder segfaults on it; `vgg.decoding` now sends PNGs to Pillow, which calls it corrupt.
+    ("crashing png", (crashing_png(), "image/png"), 422, ("corrupt", "decoder_crashed")),
 ]
 
 
@@ -253,7 +281,7 @@ def test_each_bad_input_gets_its_4xx_and_the_server_stays_healthy_and_small(serv
     good = images["red.png"].read_bytes()
     for name, payload, status, kind in BAD_INPUTS:
         got, answer = _send_bad(url, name, payload, good)
-        assert (got, answer.get("error")) == (status, kind), (name, answer)
+        assert got == status and answer.get("error") in ((kind,) if isinstance(kind, str) else kind), (name, answer)
         assert answer["message"], name
         assert _get(url + "/health") == (200, {"status": "ok"}), f"unhealthy after {name}"
     got, answer = _post_files(url, [(f"{i}.png", good) for i in range(5)])
@@ -262,13 +290,45 @@ def test_each_bad_input_gets_its_4xx_and_the_server_stays_healthy_and_small(serv
     before = _rss_kb(proc.pid)
     for _ in range(5):
         for name, payload, _, _ in BAD_INPUTS:
-            if name != "crashing decoder":  # each crash restarts the decoder (0.3 s); once is proof enough
-                _send_bad(url, name, payload, good)
+            _send_bad(url, name, payload, good)
     grown_mb = (_rss_kb(proc.pid) - before) / 1024
     assert grown_mb < 40, f"server grew by {grown_mb:.0f} MB on bad input"
     assert _post_image(url, good)[0] == 200
     status, metrics = _get(url + "/metrics")
-    assert 'vgg_errors_total{kind="decoder_crashed"}' in metrics["text"]
+    assert 'vgg_errors_total{kind="truncated"}' in metrics["text"]
+
+
+CRASH_MARKER = b"CRASH-THE-DECODER"
+
+
+def _decode_or_die(data: bytes, info: ModelInfo, limits: Limits) -> np.ndarray:
+    """A decoder that dies as a segfaulting native one does (the process ends at once) on a marker."""
+    if data.startswith(CRASH_MARKER):
+        os._exit(139)
+    time.sleep(0.2)  # still busy when the crash happens: an innocent image in flight in the same pool
+    return decode_for_model(data, info, limits)
+
+
+def test_a_crashing_decoder_fails_only_its_own_image_and_the_pool_recovers(images):
+    """Simulated (os._exit in the worker): since `vgg.decoding` moved PNGs to Pillow, no file at hand crashes it."""
+    info = ModelInfo("vgg11", CLASSES, 32, [0.5] * 3, [0.25] * 3)
+    good = images["red.png"].read_bytes()
+
+    async def scenario(pool: DecoderPool) -> list:
+        return await asyncio.gather(
+            pool.decode(good), pool.decode(CRASH_MARKER), pool.decode(good), return_exceptions=True
+        )
+
+    pool = DecoderPool(2, info, Limits(), decode=_decode_or_die)
+    try:
+        first, crashed, second = asyncio.run(scenario(pool))
+        assert isinstance(crashed, DecoderCrashed)
+        assert first.shape == second.shape == (3, 32, 32), (first, second)  # retried in the fresh pool
+        assert pool.crashes >= 1
+        again = asyncio.run(pool.decode(good))
+        assert np.array_equal(again, first)
+    finally:
+        pool.close()
 
 
 def test_a_concurrent_burst_is_all_answered_in_micro_batches(server, images):
@@ -292,8 +352,9 @@ def test_without_cors_origin_no_cors_headers(server):
 
 @pytest.fixture(scope="module")
 def guarded(model_file) -> Iterator[str]:
-    """A server with a token (from the environment), one allowed CORS origin and a small request budget."""
-    args = ["--cors-origin", ORIGIN, "--rate-limit", "30"]
+    """A server with a token (from the environment), one allowed CORS origin, a small request budget, and the
+    torch backend (the default server has the CPU default, onnxruntime)."""
+    args = ["--cors-origin", ORIGIN, "--rate-limit", "30", "--backend", "torch"]
     with running_server(model_file, *args, env={"VGG_SERVE_TOKEN": TOKEN}) as (url, _):
         yield url
 

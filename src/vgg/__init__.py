@@ -39,6 +39,10 @@ _EXPORTS = {
     "evaluate": "predict",
     "report": "html_report",
     "Explanation": "explain",
+    "export_model": "export",
+    "ExportResult": "export",
+    "ServeConfig": "serve",
+    "create_app": "serve",
 }
 
 __all__ = ["__version__", *_EXPORTS]

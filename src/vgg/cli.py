@@ -352,6 +352,69 @@ def _import_keras(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("export", help="export a model to ONNX, TorchScript or a torch.export program")
+    p.add_argument("model", help="a .safetensors model file written by `vgg train`, or imagenet:ARCH (e.g. vgg16)")
+    p.add_argument("--format", required=True, help="onnx, torchscript or exported-program")
+    p.add_argument("--out", help="file to write (default: beside the model, .onnx / .torchscript.pt / .pt2)")
+    p.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
+    p.set_defaults(run=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    result = export(args.model, args.format, out=args.out, opset=args.opset)
+    print(result.summary())
+    return 0 if result.ok else 1
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("serve", help="serve a model over HTTP (POST /predict) with a web page to try it")
+    p.add_argument("model", help="a .safetensors model file, imagenet:ARCH, or an .onnx file from `vgg export`")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; default 127.0.0.1 (this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=2, help="image decoding processes; default 2")
+    p.add_argument("--max-batch", type=int, default=32, help="most images per model call; default 32")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill; default 5")
+    p.add_argument("--backend", default="auto", help="torch, onnxruntime or auto (measured: see README)")
+    p.add_argument("--device", default="auto", help="torch backend: auto, cpu, cuda or cuda:N")
+    p.add_argument("--token", help="require 'Authorization: Bearer TOKEN' (default: $VGG_SERVE_TOKEN if set)")
+    p.add_argument("--cors-origin", help="allow browser pages from this origin (default: none)")
+    p.add_argument("--top-k", type=int, default=5, help="classes per image unless ?top_k= says; default 5")
+    p.add_argument("--rate-limit", type=int, default=600, help="requests per client per minute; 0: none")
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body; default 20 MB")
+    p.add_argument("--max-files", type=int, default=16, help="most images per request; default 16")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image (w x h); default 40 Mpx")
+    p.set_defaults(run=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .decode_pool import Limits
+    from .serve import ServeConfig, serve
+
+    serve(
+        ServeConfig(
+            model=args.model,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            backend=args.backend,
+            device=args.device,
+            token=args.token,
+            cors_origin=args.cors_origin,
+            top_k=args.top_k,
+            rate_limit=args.rate_limit,
+            max_body_bytes=int(args.max_body_mb * 1024**2),
+            max_files=args.max_files,
+            limits=Limits(max_pixels=args.max_pixels),
+        )
+    )
+    return 0
+
+
 def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     """The ``vgg`` parser; ``train_flags=False`` leaves out ``vgg train``'s settings (and the training import)."""
     parser = _Parser(prog="vgg", description="Train, evaluate and use VGG image classifiers on folders of images.")
@@ -362,6 +425,8 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     _add_train(commands, train_flags)
     for add in (_add_predict, _add_evaluate, _add_explain, _add_report, _add_datasets, _add_doctor, _add_import_keras):
         add(commands)
+    _add_export(commands)
+    _add_serve(commands)
     return parser
 
 

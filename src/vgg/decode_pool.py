@@ -2,9 +2,10 @@
 
 A server decodes whatever a client sends. Native decoders are not all robust: torchvision 0.29's ``decode_image``
 segfaults on a PNG whose chunks have valid CRCs but whose zlib stream is corrupt (libpng: "too many length or
-distance symbols"). In a worker process that kills the worker, not the server: the pool breaks, is replaced by a
-fresh one, and each request that was in flight is tried once more in it. The one that crashes the fresh pool too
-is the culprit and is answered "decoder crashed".
+distance symbols"; ``decoding`` now sends PNGs to Pillow for that reason, but the next such bug is unknown). In a
+worker process a crash kills the worker, not the server: the pool breaks and is replaced by a fresh one, and each
+image that was in flight is tried once more, alone, in a process of its own. The one that crashes that process
+too is the culprit and is answered "decoder crashed".
 
 Decoding is the same code as ``vgg predict`` (``decode_bytes`` then ``fit_to_model``), so the server's images
 reach the model exactly as a file given to ``vgg predict`` would.
@@ -18,6 +19,7 @@ import multiprocessing
 import signal
 import threading
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -107,12 +109,21 @@ class DecoderPool:
         workers: processes.
         info: the model's metadata (input size, resize mode).
         limits: pixel and frame limits.
+        decode: what a worker runs, ``decode(data, info, limits)``; a module-level function (it is pickled by
+            name). Tests pass one that crashes on purpose.
     """
 
-    def __init__(self, workers: int, info: ModelInfo, limits: Limits):
+    def __init__(
+        self,
+        workers: int,
+        info: ModelInfo,
+        limits: Limits,
+        decode: Callable[[bytes, ModelInfo, Limits], np.ndarray] = decode_for_model,
+    ):
         self.workers = workers
         self.info = info
         self.limits = limits
+        self._decode = decode
         self.crashes = 0
         self._lock = threading.Lock()
         # forkserver: workers fork from a small process that has imported torch once, so a replacement pool
@@ -121,6 +132,8 @@ class DecoderPool:
         self._context.set_forkserver_preload(["vgg.decode_pool"])
         self._generation = 0
         self._pool = self._new_pool()
+        self._quarantine: ProcessPoolExecutor | None = None
+        self._quarantine_lock = asyncio.Lock()
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.workers, mp_context=self._context, initializer=_init_worker)
@@ -136,14 +149,22 @@ class DecoderPool:
 
     async def decode(self, data: bytes) -> np.ndarray:
         """The model input for ``data``. Raises ``DecodeError`` or ``DecoderCrashed``."""
-        for _ in range(2):
-            pool, generation = self._pool, self._generation
+        generation = self._generation
+        try:
+            return await asyncio.wrap_future(self._pool.submit(self._decode, data, self.info, self.limits))
+        except BrokenProcessPool:
+            self._replace(generation)
+        # This image was in flight when a worker died: it or another one killed it. Tried again alone, in a
+        # process of its own, a culprit can only crash itself; innocent images are answered.
+        async with self._quarantine_lock:
+            if self._quarantine is None:
+                self._quarantine = ProcessPoolExecutor(1, mp_context=self._context, initializer=_init_worker)
             try:
-                future = pool.submit(decode_for_model, data, self.info, self.limits)
-                return await asyncio.wrap_future(future)
+                return await asyncio.wrap_future(self._quarantine.submit(self._decode, data, self.info, self.limits))
             except BrokenProcessPool:
-                self._replace(generation)
-        raise DecoderCrashed("the image decoder crashed on this image")
+                self._quarantine.shutdown(wait=False, cancel_futures=True)
+                self._quarantine = None
+                raise DecoderCrashed("the image decoder crashed on this image") from None
 
     async def warm_up(self) -> None:
         """Start every worker now rather than on the first requests (each imports torch)."""
@@ -153,3 +174,5 @@ class DecoderPool:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._quarantine is not None:
+            self._quarantine.shutdown(wait=True, cancel_futures=True)

@@ -5,7 +5,8 @@ What every export takes and gives (the same for all three formats, and written i
 - input ``image``: float32, N x 3 x S x S, RGB in [0, 1] (a uint8 image divided by 255), any batch size N.
   Resizing to S x S stays outside the graph (it depends on the image), as the metadata's ``preprocessing``
   describes; the model's normalisation (mean, std) is inside it, so a caller never has to know it.
-- output ``probabilities``: float32, N x C, softmax over the classes in ``class_names`` order.
+- output ``probabilities``: float32, N x C, softmax over the classes in ``class_names`` order (of the logits
+  divided by the model's fitted ``temperature``, as ``vgg predict`` gives them).
 
 The metadata goes into the ONNX file's ``metadata_props`` (key ``vgg``, a JSON object); TorchScript and
 ExportedProgram files have no portable place for it, so it is written to a JSON file beside them (``FILE.json``),
@@ -21,7 +22,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -36,6 +36,7 @@ from torch import nn
 from . import __version__
 from .checkpoint import ModelInfo
 from .errors import UsageError
+from .files import atomic_write, write_json
 from .predict import load
 
 log = logging.getLogger(__name__)
@@ -50,16 +51,23 @@ CHECK_BATCHES = (1, 5)
 
 
 class Normalised(nn.Module):
-    """The network with its normalisation in front and softmax behind: [0, 1] RGB in, probabilities out."""
+    """The network with its normalisation in front and softmax behind: [0, 1] RGB in, probabilities out.
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
+    The logits are divided by the model's fitted temperature first, as ``vgg predict`` does.
+    """
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float], temperature: float = 1.0):
         super().__init__()
         self.model = model
+        self.temperature = float(temperature)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model((image - self.mean) / self.std), dim=1)
+        logits = self.model((image - self.mean) / self.std)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return torch.softmax(logits, dim=1)
 
 
 @dataclass
@@ -90,7 +98,12 @@ class ExportResult:
 def metadata(info: ModelInfo) -> dict[str, Any]:
     """What a user of the export needs to feed it and read its output."""
     size = info.image_size
-    preprocessing: dict[str, Any] = {"resize": info.resize, "mean": list(info.mean), "std": list(info.std)}
+    preprocessing: dict[str, Any] = {
+        "resize": info.resize,
+        "interpolation": info.interpolation,
+        "mean": list(info.mean),
+        "std": list(info.std),
+    }
     if info.resize == "crop":
         preprocessing["resize_size"] = int(info.extra.get("resize_size", size))
     return {
@@ -107,6 +120,7 @@ def metadata(info: ModelInfo) -> dict[str, Any]:
             "normalisation": "inside the graph (mean and std below are applied by the model)",
         },
         "output": {"name": "probabilities", "shape": ["batch", info.num_classes], "meaning": "softmax"},
+        "temperature": float(info.temperature),
         "preprocessing": preprocessing,
         "versions": {"vgg": __version__, "torch": torch.__version__},
     }
@@ -136,7 +150,8 @@ def export(
     # The classifier keeps its copy in channels-last for speed; the export gets the plain layout.
     model = copy.deepcopy(reference.model).to(memory_format=torch.contiguous_format).float().eval()
     model.requires_grad_(False)
-    wrapped = Normalised(model, reference.info.mean, reference.info.std).eval()
+    info = reference.info
+    wrapped = Normalised(model, info.mean, info.std, info.temperature).eval()
     meta = metadata(reference.info)
     size = reference.info.image_size
     example = torch.rand(2, 3, size, size)
@@ -156,6 +171,10 @@ def export(
     return result
 
 
+# The public name (``vgg.export_model``): ``vgg.export`` is this module once anything has imported it.
+export_model = export
+
+
 def default_out(model_path: str | Path, format: str) -> Path:
     text = str(model_path)
     if text.startswith("imagenet:"):
@@ -164,25 +183,9 @@ def default_out(model_path: str | Path, format: str) -> Path:
     return path.with_name(path.name.removesuffix(".safetensors") + SUFFIXES[format])
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temp name keeps the real suffix: torch.export.save warns about any other.
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        write(temp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)  # mkstemp's 0600 would hide the export from other users
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def _write_json_beside(out: Path, meta: dict[str, Any]) -> Path:
     path = out.with_name(out.name + ".json")
-    _atomic(path, lambda temp: Path(temp).write_text(json.dumps(meta, indent=2) + "\n"))
+    write_json(path, meta)
     return path
 
 
@@ -213,7 +216,7 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, meta: dict, out: Path, 
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto)
-    _atomic(out, lambda temp: onnx.save(proto, temp))
+    atomic_write(out, lambda temp: onnx.save(proto, temp))
     return None
 
 
@@ -226,7 +229,7 @@ def _write_torchscript(model: nn.Module, example: torch.Tensor, meta: dict, out:
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(model, example)
         extra = {"vgg.json": json.dumps(meta)}
-        _atomic(out, lambda temp: torch.jit.save(traced, temp, _extra_files=extra))
+        atomic_write(out, lambda temp: torch.jit.save(traced, temp, _extra_files=extra))
     return _write_json_beside(out, meta)
 
 
@@ -234,7 +237,13 @@ def _write_exported(model: nn.Module, example: torch.Tensor, meta: dict, out: Pa
     batch = torch.export.Dim("batch")
     program = torch.export.export(model, (example,), dynamic_shapes={"image": {0: batch}})
     extra = {"vgg.json": json.dumps(meta)}
-    _atomic(out, lambda temp: torch.export.save(program, temp, extra_files=extra))
+
+    def write(temp: str) -> None:
+        # Through a file object: given a path, torch.export.save warns about any name not ending in .pt2.
+        with open(temp, "wb") as handle:
+            torch.export.save(program, handle, extra_files=extra)
+
+    atomic_write(out, write)
     return _write_json_beside(out, meta)
 
 
@@ -267,6 +276,9 @@ def onnx_session(path: str | Path, threads: int | None = None) -> Any:
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    # onnxruntime's threads spin while waiting for work by default: in a server they would take the cores that
+    # decode images and answer HTTP between model calls.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -299,8 +311,10 @@ def info_from_metadata(meta: dict[str, Any]) -> ModelInfo:
         mean=list(pre["mean"]),
         std=list(pre["std"]),
         resize=pre["resize"],
+        interpolation=pre.get("interpolation", "bilinear"),
         extra=extra,
+        temperature=float(meta.get("temperature", 1.0)),
     )
 
 
-__all__ = ["FORMATS", "ExportResult", "export", "metadata", "read_onnx_metadata", "runner"]
+__all__ = ["FORMATS", "ExportResult", "export", "export_model", "metadata", "read_onnx_metadata", "runner"]

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import importlib.resources
+import importlib.util
 import logging
-import math
 import os
 import platform
 import sys
 import time
-from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,7 +41,9 @@ from . import __version__
 from .checkpoint import ModelInfo
 from .decode_pool import DecodeError, DecoderCrashed, DecoderPool, Limits
 from .errors import UsageError
-from .predict import load
+from .export import export, info_from_metadata, onnx_session, read_onnx_metadata
+from .httpkit import DRAIN_FACTOR, BodyLimit, Metrics, RateLimiter, body_too_large
+from .predict import Prediction, load
 from .runtime import pick_device
 
 try:
@@ -55,12 +57,11 @@ except ImportError as error:  # the serve extra is optional
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "onnxruntime")
-# What `auto` means on a CPU; measured in benchmarks/RESULTS.md ("serving backends").
-CPU_BACKEND = "torch"
+# What `auto` means on a CPU: onnxruntime ran VGG11 at 32 px 2.5-9x faster than PyTorch at batch 1-32 (bf16 and
+# fp32; benchmarks/RESULTS.md, "serving backends"). PyTorch where onnxruntime is not installed.
+CPU_BACKEND = "onnxruntime"
 TOKEN_ENV = "VGG_SERVE_TOKEN"
 OPEN_PATHS = frozenset({"/health", "/"})  # the page is static; it sends the token with its own requests
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 STATUS = {
     "empty": 400,
     "bad_request": 400,
@@ -107,69 +108,6 @@ class ApiError(Exception):
         self.kind = kind
 
 
-class Metrics:
-    """Prometheus text by hand: four metrics do not need a client library."""
-
-    def __init__(self) -> None:
-        self.requests: Counter[tuple[str, int]] = Counter()
-        self.errors: Counter[str] = Counter()
-        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.latency_sum = 0.0
-        self.batches = [0] * (len(BATCH_BUCKETS) + 1)
-        self.batch_sum = 0
-
-    def observe_request(self, path: str, status: int, seconds: float) -> None:
-        self.requests[(path, status)] += 1
-        if path == "/predict":
-            self.latency[_bucket(LATENCY_BUCKETS, seconds)] += 1
-            self.latency_sum += seconds
-
-    def observe_batch(self, size: int) -> None:
-        self.batches[_bucket(BATCH_BUCKETS, size)] += 1
-        self.batch_sum += size
-
-    def render(self) -> str:
-        lines = ["# TYPE vgg_requests_total counter"]
-        for (path, status), n in sorted(self.requests.items()):
-            lines.append(f'vgg_requests_total{{path="{path}",status="{status}"}} {n}')
-        lines.append("# TYPE vgg_errors_total counter")
-        lines += [f'vgg_errors_total{{kind="{kind}"}} {n}' for kind, n in sorted(self.errors.items())]
-        lines += _histogram("vgg_request_seconds", LATENCY_BUCKETS, self.latency, self.latency_sum)
-        lines += _histogram("vgg_batch_size", BATCH_BUCKETS, self.batches, self.batch_sum)
-        return "\n".join(lines) + "\n"
-
-
-def _bucket(bounds: tuple, value: float) -> int:
-    return next((i for i, bound in enumerate(bounds) if value <= bound), len(bounds))
-
-
-def _histogram(name: str, bounds: tuple, counts: list[int], total: float) -> list[str]:
-    lines, running = [f"# TYPE {name} histogram"], 0
-    for bound, n in zip([*bounds, math.inf], counts, strict=True):
-        running += n
-        lines.append(f'{name}_bucket{{le="{"+Inf" if bound == math.inf else bound}"}} {running}')
-    return [*lines, f"{name}_sum {total}", f"{name}_count {running}"]
-
-
-class RateLimiter:
-    """A token bucket per client: ``per_minute`` requests, refilled continuously; a bounded table of clients."""
-
-    def __init__(self, per_minute: int, max_clients: int = 10_000):
-        self.capacity = float(per_minute)
-        self.refill = per_minute / 60.0
-        self.max_clients = max_clients
-        self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
-
-    def allow(self, client: str, now: float) -> bool:
-        tokens, last = self.buckets.pop(client, (self.capacity, now))
-        tokens = min(self.capacity, tokens + (now - last) * self.refill)
-        allowed = tokens >= 1.0
-        self.buckets[client] = (tokens - 1.0 if allowed else tokens, now)
-        if len(self.buckets) > self.max_clients:
-            self.buckets.popitem(last=False)  # the least recently seen client starts afresh
-        return allowed
-
-
 class Backend:
     """Runs the model on a batch of uint8 N x 3 x S x S images and returns N x C float probabilities."""
 
@@ -187,8 +125,10 @@ def make_backend(model: str, backend: str, device: str) -> Backend:
     if backend == "auto":
         if is_onnx:
             backend = "onnxruntime"
+        elif pick_device(device).type == "cuda" or importlib.util.find_spec("onnxruntime") is None:
+            backend = "torch"
         else:
-            backend = "torch" if pick_device(device).type == "cuda" else CPU_BACKEND
+            backend = CPU_BACKEND
     if is_onnx and backend == "torch":
         raise UsageError(f"{model} is an ONNX file: serve it with --backend onnxruntime (or give a .safetensors).")
     result = Backend()
@@ -199,18 +139,33 @@ def make_backend(model: str, backend: str, device: str) -> Backend:
         result.details = {"device": str(classifier.device), "precision": classifier.step.precision}
         result.run = lambda images: classifier.probabilities(images).numpy()
         return result
-    from .export import export, info_from_metadata, onnx_session, read_onnx_metadata
-
-    path = Path(model)
-    if not is_onnx:
-        # Exported once per start, into a temp folder: the ONNX file is a derived artefact of the model file.
-        folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"vgg-serve-{os.getpid()}"
-        path = export(model, "onnx", out=folder / "model.onnx").path
+    path = Path(model) if is_onnx else _onnx_for(model)
     result.info = info_from_metadata(read_onnx_metadata(path))
     session = onnx_session(path)
     result.details = {"device": "cpu", "precision": "fp32", "onnx_file": str(path)}
     result.run = lambda images: session.run(None, {"image": images.float().div(255).numpy()})[0]
     return result
+
+
+def _onnx_for(model: str) -> Path:
+    """The ONNX export of a model file, made on first use and kept in the cache folder, keyed by its content."""
+    if str(model).startswith("imagenet:"):
+        key = str(model).replace(":", "-")
+    else:
+        if not Path(model).is_file():
+            raise UsageError(f"Model file not found: {model}. Expected a .safetensors file written by `vgg train`.")
+        digest = hashlib.sha256()
+        with open(model, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        key = digest.hexdigest()[:32]
+    path = Path(os.environ.get("VGG_CACHE_DIR") or Path.home() / ".cache" / "vgg") / "onnx" / f"{key}.onnx"
+    if not path.is_file():
+        result = export(model, "onnx", out=path)
+        if not result.ok:
+            path.unlink(missing_ok=True)
+            raise RuntimeError(f"the ONNX export of {model} does not match PyTorch: {result.summary()}")
+    return path
 
 
 class MicroBatcher:
@@ -266,42 +221,14 @@ class MicroBatcher:
                     future.set_result(row)
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
-class BodyLimit:
-    """ASGI middleware: a body (chunked or not) past ``limit`` bytes stops being read and is answered 413."""
-
-    def __init__(self, app: Any, limit: int):
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        received = 0
-
-        async def limited() -> dict:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise BodyTooLarge()
-            return message
-
-        await self.app(scope, limited, send)
-
-
 def predictions(probabilities: np.ndarray, names: list[str], class_names: list[str], top_k: int) -> list[dict]:
-    """One ``Prediction.as_dict()``-shaped answer per image, as ``vgg predict --json`` prints them."""
+    """One answer per image, exactly as ``vgg predict --json`` prints it (``Prediction.as_dict``)."""
     k = min(top_k, len(class_names))
     values, indices = torch.from_numpy(np.asarray(probabilities, dtype=np.float32)).topk(k, dim=1)
     out = []
     for name, vals, idxs in zip(names, values.tolist(), indices.tolist(), strict=True):
-        top = [{"label": class_names[i], "probability": p} for i, p in zip(idxs, vals, strict=True)]
-        out.append({"image": name, "label": top[0]["label"], "probability": top[0]["probability"], "top_k": top})
+        top = [(class_names[i], p) for i, p in zip(idxs, vals, strict=True)]
+        out.append(Prediction(top[0][0], top[0][1], top, name).as_dict())
     return out
 
 
@@ -367,10 +294,6 @@ def create_app(config: ServeConfig) -> FastAPI:
         response.headers["x-vgg-error"] = error.kind
         return response
 
-    @app.exception_handler(BodyTooLarge)
-    async def body_too_large(request: Request, error: BodyTooLarge) -> JSONResponse:
-        return await api_error(request, ApiError("body_too_large", f"body over {config.max_body_bytes:,} bytes"))
-
     @app.get("/", response_class=HTMLResponse)
     async def index() -> str:
         return page
@@ -387,7 +310,14 @@ def create_app(config: ServeConfig) -> FastAPI:
             "arch": info.arch,
             "classes": info.class_names,
             "input_size": info.image_size,
-            "preprocessing": {"resize": info.resize, "mean": info.mean, "std": info.std, **info.extra},
+            "preprocessing": {
+                "resize": info.resize,
+                "interpolation": info.interpolation,
+                "mean": info.mean,
+                "std": info.std,
+                **info.extra,
+            },
+            "temperature": info.temperature,
             "backend": backend.name,
             **backend.details,
             "max_batch": config.max_batch,
@@ -411,9 +341,18 @@ def create_app(config: ServeConfig) -> FastAPI:
         if not 1 <= k <= 1000:
             raise ApiError("bad_request", f"top_k must be between 1 and 1000. Received: top_k={top_k}.")
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > config.max_body_bytes:
+        # Far too large by its own account: answered at once (smaller excess is read and dropped by BodyLimit).
+        if length and length.isdigit() and int(length) > DRAIN_FACTOR * config.max_body_bytes:
             raise ApiError("body_too_large", f"body of {int(length):,} bytes, the limit is {config.max_body_bytes:,}")
-        names, blobs = await _read_images(request, config.max_files)
+        too_large = ApiError("body_too_large", f"body over {config.max_body_bytes:,} bytes")
+        try:
+            names, blobs = await _read_images(request, config.max_files)
+        except ApiError:
+            if body_too_large(request.scope):  # what a cut-short body looked like is beside the point
+                raise too_large from None
+            raise
+        if body_too_large(request.scope):
+            raise too_large
         pool: DecoderPool = state["pool"]
         batcher: MicroBatcher = state["batcher"]
         images = await asyncio.gather(*(_decode(pool, name, blob) for name, blob in zip(names, blobs, strict=True)))
