@@ -86,3 +86,16 @@ def test_report_renders_in_chromium_without_console_errors(run_dir: Path):
     assert len(images) >= 4
     assert all(complete and width > 0 for _, complete, width in images), images
     assert gallery >= 1  # the over-confident model gets some of the 6 images wrong, each shown with its Grad-CAM
+
+
+def test_training_calibrates_the_best_model_and_writes_the_report(tmp_path: Path, capsys):
+    from conftest import small_run
+
+    from vgg.checkpoint import read_info
+
+    run = small_run(tmp_path, 1)
+    out = capsys.readouterr().out
+    assert "calibration on 4 validation images: temperature" in out  # 20% of 2 x 12 images
+    assert f"report: {run / 'report.html'}" in out
+    assert read_info(run / "best.safetensors").temperature != 1.0
+    assert "<h2>Calibration</h2>" in (run / "report.html").read_text()
