@@ -89,25 +89,30 @@ def result_of(outputs: Outputs, class_names: Sequence[str], temperature: float =
 
 
 def write_outputs(result: dict, out: str | Path) -> list[Path]:
-    """confusion.png, confusion.csv, misclassified.csv and metrics.json in ``out``; returns their paths."""
+    """confusion.png, confusion.csv, misclassified.csv and metrics.json in ``out``; returns their paths.
+
+    ImageNet results carry no confusion matrix (1,000 x 1,000 for a folder of a few classes): only the last two.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    names = result["class_names"]
-    written = [out / "confusion.png", out / "confusion.csv", out / "misclassified.csv", out / "metrics.json"]
-    png = confusion_png(result["confusion"], names)
-    atomic_write(written[0], lambda temp: Path(temp).write_bytes(png))
-    confusion = result["confusion"]
-    write_csv(written[1], ["true \\ predicted", *names], ([n, *row] for n, row in zip(names, confusion, strict=True)))
+    written = []
+    if "confusion" in result:
+        names, confusion = result["class_names"], result["confusion"]
+        png = confusion_png(confusion, names)
+        atomic_write(out / "confusion.png", lambda temp: Path(temp).write_bytes(png))
+        rows = ([n, *row] for n, row in zip(names, confusion, strict=True))
+        write_csv(out / "confusion.csv", ["true \\ predicted", *names], rows)
+        written += [out / "confusion.png", out / "confusion.csv"]
     write_csv(
-        written[2],
+        out / "misclassified.csv",
         ["path", "true", "predicted", "probability", "loss"],
         (
             [r["path"], r["true"], r["predicted"], f"{r['probability']:.6f}", f"{r['loss']:.6f}"]
             for r in result["misclassified"]
         ),
     )
-    write_json(written[3], {k: v for k, v in result.items() if k != "misclassified"})
-    return written
+    write_json(out / "metrics.json", {k: v for k, v in result.items() if k != "misclassified"})
+    return [*written, out / "misclassified.csv", out / "metrics.json"]
 
 
 def _figure_png(figure) -> bytes:  # noqa: ANN001 (matplotlib is imported lazily)
