@@ -129,3 +129,21 @@ def small_run(root: Path, epochs: int, *extra: str) -> Path:
     argv = ["train", str(data), "--out", str(out), "--epochs", str(epochs), "--arch", "vgg11", "--image-size", "32"]
     assert main([*argv, "--batch-size", "8", "--workers", "0", *extra]) == 0
     return out
+
+
+def crashing_png() -> bytes:
+    """A PNG with valid CRCs whose IDAT zlib stream has invalid Huffman code lengths.
+
+    libpng reports "too many length or distance symbols", and torchvision 0.29's native ``decode_image`` then
+    segfaults (the whole process dies); Pillow raises an ``OSError`` on the same bytes.
+    """
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    stream = zlib.compress(b"\x00" + b"\x07" * 96, 9)
+    idat = stream[:2] + b"\x05" + b"\xff" * 40 + stream[-4:]
+    header = struct.pack(">IIBBBBB", 32, 32, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")

@@ -186,12 +186,13 @@ def _predict(args: argparse.Namespace) -> int:
     paths = expand_images(args.images)
     classifier = load(args.model, device=args.device, precision=args.precision, tta=args.tta)
     quiet = args.json or args.csv
-    predictions = classifier.predict(
+    predictions = classifier.predict_files(
         paths, top_k=args.top_k, threshold=args.threshold, progress=not quiet and sys.stderr.isatty()
     )
-    if args.json:
+    failed = [p for p in predictions if p.error]
+    if args.json:  # a bad file is an {"image", "error"} entry in its place
         print(json.dumps([p.as_dict() for p in predictions], indent=2))
-        return 0
+        return 1 if failed else 0
     if args.csv:
         import csv
 
@@ -202,11 +203,14 @@ def _predict(args: argparse.Namespace) -> int:
         for p in predictions:
             ranked = [value for label, prob in p.top_k for value in (label, f"{prob:.6f}")]
             writer.writerow([p.source, p.label, f"{p.probability:.6f}", *ranked])
-        return 0
+        return 1 if failed else 0
+    for p in failed:
+        print(f"error: {p.source}: {p.error}", file=sys.stderr)
+    predictions = [p for p in predictions if not p.error]
     for p in predictions:
         ranked = "  ".join(f"{label} {prob:.3f}" for label, prob in p.top_k)
         print(f"{p.source}: {ranked}")
-    return 0
+    return 1 if failed else 0
 
 
 def _add_evaluate(commands: argparse._SubParsersAction) -> None:
@@ -237,7 +241,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         from .evaluation import write_outputs
 
         written = write_outputs(result, args.out)
-    if args.json:
+    if args.json:  # bad files are in "skipped", with their reasons
         print(json.dumps(result, indent=2))
     else:
         print(format_evaluation(result, classifier.class_names))
@@ -278,7 +282,9 @@ def _explain(args: argparse.Namespace) -> int:
             f"{path}: predicted {explanation.label} {explanation.label_probability:.3f}; Grad-CAM of "
             f"{explanation.class_name} ({explanation.probability:.3f}) -> {target}"
         )
-    return 0
+        for bad in result["skipped"]:
+            print(f"error: {bad['path']}: {bad['reason']}", file=sys.stderr)
+    return 1 if result["skipped"] else 0
 
 
 def _add_report(commands: argparse._SubParsersAction) -> None:

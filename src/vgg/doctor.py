@@ -13,7 +13,6 @@ import os
 import statistics
 import warnings
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from .batches import default_workers
-from .decoding import decode
-from .scan import class_folders, index_folder
+from .decoding import decode_bytes
+from .isolation import map_isolated
+from .scan import class_folders, index_folder, read_regular
 
 # Classes this many times larger than the smallest one are reported: plain training then mostly learns the big ones.
 IMBALANCE_WARNING = 3.0
@@ -31,7 +31,10 @@ SMALL_SIDE = 32
 
 def inspect_image(path: str) -> dict[str, Any]:
     """Hash, format, mode, size and decodability of one image file."""
-    data = Path(path).read_bytes()
+    try:
+        data = read_regular(path)
+    except (OSError, ValueError) as error:  # gone, unreadable, replaced by a named pipe, grown past the limit
+        return {"path": path, "error": str(error) if isinstance(error, ValueError) else f"unreadable ({error})"}
     info: dict[str, Any] = {"path": path, "sha256": hashlib.sha256(data).hexdigest()}
     try:
         with warnings.catch_warnings():
@@ -44,25 +47,23 @@ def inspect_image(path: str) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - any header failure is reported by the decode below
         pass
     try:
-        decode(path)
-    except (OSError, ValueError) as error:
+        decode_bytes(data)
+    except ValueError as error:
         info["error"] = str(error)
     return info
 
 
+def _crashed(path: str) -> dict[str, Any]:
+    return {"path": path, "error": "decoder crashed (the process decoding this file died)"}
+
+
 def _inspect_all(paths: list[str], workers: int, progress: bool = False) -> list[dict[str, Any]]:
-    facts = []
+    """Every file inspected in worker processes, so that a decoder crashing on one file names it and no more."""
+    if not paths:
+        return []
+    workers = max(1, min(workers, -(-len(paths) // 64)))
     with tqdm(total=len(paths), desc="doctor", unit="img", leave=False, disable=not progress) as bar:
-        if workers <= 1 or len(paths) < 256:
-            for fact in map(inspect_image, paths):
-                facts.append(fact)
-                bar.update()
-        else:
-            with ProcessPoolExecutor(workers) as pool:
-                for fact in pool.map(inspect_image, paths, chunksize=64):
-                    facts.append(fact)
-                    bar.update()
-    return facts
+        return map_isolated(inspect_image, paths, workers, _crashed, progress=bar.update)
 
 
 def _split_report(root: Path, classes: list[str], workers: int, progress: bool = False) -> dict[str, Any]:

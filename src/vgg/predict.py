@@ -36,14 +36,25 @@ class Prediction:
     probability: float
     top_k: list[tuple[str, float]]
     source: str = ""
+    error: str = ""  # why the image could not be used (``predict_files``); then there is no label
 
     def as_dict(self) -> dict[str, Any]:
+        if self.error:
+            return {"image": self.source, "error": self.error}
         return {
             "image": self.source,
             "label": self.label,
             "probability": self.probability,
             "top_k": [{"label": label, "probability": p} for label, p in self.top_k],
         }
+
+
+class UnreadableImage(UsageError):
+    """An image file that cannot be used; ``reason`` says why, as ``skipped.csv`` would."""
+
+    def __init__(self, path: str | Path, reason: str, message: str | None = None):
+        super().__init__(message or f"Cannot read image {path}: {reason}. Expected a jpg, png, ... image file.")
+        self.path, self.reason = str(path), reason
 
 
 ImageInput = str | Path | Image.Image | torch.Tensor
@@ -88,9 +99,11 @@ class Classifier:
             try:
                 return fit_to_model(decode(item), self.info)
             except ValueError as error:
-                raise UsageError(f"Cannot read image {item}: {error}. Expected a jpg, png, ... image file.") from error
+                raise UnreadableImage(item, str(error)) from error
             except FileNotFoundError as error:
-                raise UsageError(str(error)) from error
+                raise UnreadableImage(item, "not found", str(error)) from error
+            except OSError as error:
+                raise UnreadableImage(item, f"unreadable ({error.strerror or error})") from error
         if isinstance(item, Image.Image):
             return fit_to_model(TF.pil_to_tensor(item.convert("RGB")), self.info)
         if isinstance(item, torch.Tensor):
@@ -162,6 +175,30 @@ class Classifier:
             label = UNKNOWN if threshold is not None and top[0][1] < threshold else top[0][0]
             predictions.append(Prediction(label, top[0][1], top, source))
         return predictions[0] if single else predictions
+
+    def predict_files(
+        self, paths: Sequence[str | Path], top_k: int = 1, batch_size: int = 64, **options: Any
+    ) -> list[Prediction]:
+        """``predict`` for many image files, where a bad file does not stop the others.
+
+        Returns one ``Prediction`` per path, in order; a file that cannot be used (corrupt, not an image, a named
+        pipe, too large, gone) gets one with ``error`` set to the reason and no label. ``options`` go to
+        ``predict`` (``threshold``, ``progress``).
+        """
+        out: list[Prediction] = []
+        for start in range(0, len(paths), batch_size):
+            chunk = list(paths[start : start + batch_size])
+            try:
+                out.extend(self.predict(chunk, top_k, batch_size, **options))
+                continue
+            except UnreadableImage:
+                pass
+            for path in chunk:  # rare: the chunk had a bad file; each file alone names it (good ones decode twice)
+                try:
+                    out.append(self.predict(path, top_k, batch_size, **options))
+                except UnreadableImage as error:
+                    out.append(Prediction("", float("nan"), [], str(path), error.reason))
+        return out
 
     def evaluate(
         self, folder: str | Path, batch_size: int = 64, workers: int | None = None, progress: bool = False
@@ -253,11 +290,11 @@ def expand_images(paths: Sequence[str | Path]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = list(image_files(p))
+            found = list(image_files(p, bad=True))  # bad ones too: ``predict_files`` names them with the reason
             if not found:
                 raise UsageError(f"No images in folder {p}/: expected image files (jpg, png, ...).")
             out.extend(found)
-        elif p.is_file():
+        elif p.exists():  # a named pipe or a device too: decoding refuses it, without blocking, as a bad file
             out.append(p)
         else:
             raise UsageError(f"Image not found: {p}. Expected an image file or a folder of images.")

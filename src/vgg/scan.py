@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
 import random
+import stat
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +33,8 @@ IGNORED_NAMES = {"__MACOSX", "Thumbs.db", "desktop.ini", "$RECYCLE.BIN", "System
 # than proving a cache is still valid, and a cache would only go stale under the user's feet.
 CACHE_MIN_FILES = 2000
 INDEX_VERSION = 1
+# Image files bigger than this are refused before they are read (a photo is a few MB; a 89 Mpx TIFF is ~270 MB).
+MAX_FILE_BYTES = 256 * 1024**2
 
 
 def sniff(head: bytes) -> str | None:
@@ -52,14 +56,74 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
-def classify(path: str | Path) -> tuple[str, str]:
-    """``("image", format)``, ``("bad", reason)`` for a file named as an image that is not one, or ``("other", "")``."""
+_SPECIAL_FILES = {
+    stat.S_IFIFO: "a named pipe",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a folder",
+}
+
+
+def open_regular(path: str | Path) -> tuple[io.BufferedReader, int]:
+    """Open a regular file for reading, with its size; anything else is refused without blocking.
+
+    A named pipe in a data folder would block a plain ``open`` forever (until something writes to it), and a
+    device would be read without end; ``O_NONBLOCK`` makes the open return at once, and ``fstat`` on the open file
+    (not the name, which could change in between) says what it is.
+
+    Raises:
+        OSError: the file cannot be opened (``FileNotFoundError`` when it does not exist).
+        ValueError: it is not a regular file; the message is the reason.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
-        with open(path, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"not a regular file ({_SPECIAL_FILES.get(stat.S_IFMT(info.st_mode), 'special file')})")
+        return os.fdopen(fd, "rb"), info.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str | Path) -> bytes:
+    """The content of a regular file of at most ``MAX_FILE_BYTES``.
+
+    Raises:
+        OSError, ValueError: as ``open_regular``; ValueError also for a file over ``MAX_FILE_BYTES``.
+    """
+    handle, size = open_regular(path)
+    with handle:
+        if size > MAX_FILE_BYTES:
+            raise ValueError(_too_large(size))
+        data = handle.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:  # it grew after it was opened
+        raise ValueError(_too_large(len(data)))
+    return data
+
+
+def _too_large(size: int) -> str:
+    return f"file too large ({size:,} bytes or more, limit {MAX_FILE_BYTES:,} bytes)"
+
+
+def classify(path: str | Path) -> tuple[str, str]:
+    """``("image", format)``, ``("bad", reason)`` for a file named as an image that is not one, or ``("other", "")``.
+
+    Something that is not a regular file (a named pipe, a device) is never read: it is bad when it is named as an
+    image and other otherwise. An image over ``MAX_FILE_BYTES`` is bad.
+    """
+    try:
+        handle, size = open_regular(path)
+        with handle:
             head = handle.read(16)
+    except ValueError as error:
+        return ("bad", str(error)) if Path(path).suffix.lower() in IMAGE_EXTENSIONS else ("other", "")
     except OSError as error:
         return "bad", f"unreadable ({error.strerror or error})"
     kind = sniff(head)
+    if size > MAX_FILE_BYTES and (kind is not None or Path(path).suffix.lower() in IMAGE_EXTENSIONS):
+        return "bad", _too_large(size)
     if kind is not None:
         return "image", kind
     if Path(path).suffix.lower() not in IMAGE_EXTENSIONS:
@@ -81,12 +145,16 @@ def walk(folder: Path) -> Iterator[tuple[str, list[str]]]:
         yield dirpath, sorted(f for f in filenames if visible(f))
 
 
-def image_files(folder: str | Path) -> Iterator[Path]:
-    """Every image under ``folder``, nested folders included, recognised by content."""
+def image_files(folder: str | Path, bad: bool = False) -> Iterator[Path]:
+    """Every image under ``folder``, nested folders included, recognised by content.
+
+    ``bad``: also the files named as images that are not usable ones (``classify``), so that they can be reported.
+    """
+    wanted = ("image", "bad") if bad else ("image",)
     for dirpath, names in walk(Path(folder)):
         for name in names:
             path = Path(dirpath) / name
-            if classify(path)[0] == "image":
+            if classify(path)[0] in wanted:
                 yield path
 
 
