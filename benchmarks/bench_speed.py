@@ -247,6 +247,7 @@ def main() -> int:
     print(f"machine: {machine()}; precision auto -> {precision}")
     print(f"limit: 3x3 conv fp32 {limit32:.0f} GFLOP/s, bf16 {limit16:.0f} GFLOP/s")
     for size, batch in cases:
+        start = len(rows)
         gflop = model_gflop(args.arch, size)
         first = vgg_train_rate(args.arch, size, Synthetic(batch, size, 1), device, precision)
         steps = max(2, min(100, round(seconds * first / batch)))
@@ -285,6 +286,9 @@ def main() -> int:
             (f"{size} px b{batch}", "vgg inference", infer, infer / ceiling_infer),
             (f"{size} px b{batch}", "plain fp32 NCHW inference", base_infer, base_infer / ceiling_infer),
         ]
+        # Each case's rows as soon as they are measured: a run stopped by its time limit keeps what it measured.
+        for case, path, rate, fraction in rows[start:]:
+            print(f"| {case} | {path} | {rate:.1f} | {fraction:.0%} |", flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if gpu:
         peak_gpu = torch.cuda.max_memory_allocated() / 2**20
