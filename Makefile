@@ -39,7 +39,7 @@ $(DATA)/.complete: | setup
 	$(BIN)/vgg datasets fashion-mnist $(DATA)
 
 demo: setup $(DATA)/.complete
-	$(BIN)/vgg train $(DATA)/train --out $(RUN) $(DEMO_ARGS)
+	$(BIN)/vgg train $(DATA)/train --out $(RUN) --overwrite $(DEMO_ARGS)
 	$(BIN)/vgg evaluate $(RUN)/best.safetensors $(DATA)/test
 	$(BIN)/vgg predict $(RUN)/best.safetensors $(DATA)/test/ankle-boot/00000.png $(DATA)/test/trouser/00002.png \
 		$(DATA)/test/sneaker/00009.png $(DATA)/test/bag/00018.png --top-k 2

@@ -488,3 +488,33 @@ def test_a_packed_batch_keeps_each_jpegs_orientation_and_the_items_order():
     packed = Packed.pack([Encoded(torch.arange(5, dtype=torch.uint8), 6), torch.zeros(3, 2, 2, dtype=torch.uint8)])
     [item, image] = packed.unpack()
     assert item.orientation == 6 and item.data.tolist() == [0, 1, 2, 3, 4] and image.shape == (3, 2, 2)
+
+
+# 6. --deterministic really deterministic, also where CUDA's adaptive pooling has no deterministic backward --------
+
+
+@pytest.mark.parametrize(("size", "side"), [(8, 7), (14, 7), (7, 7), (9, 13), (5, 2)])
+def test_matrix_pool_is_adaptive_average_pooling(size: int, side: int):
+    from vgg.training.run import MatrixPool
+
+    x = torch.randn(2, 3, size, size + 1, dtype=torch.float64, requires_grad=True)
+    reference = nn.AdaptiveAvgPool2d(side)(x)
+    pooled = MatrixPool(side)(x)
+    torch.testing.assert_close(pooled, reference)
+    (grad,) = torch.autograd.grad(pooled.square().sum(), x)
+    (reference_grad,) = torch.autograd.grad(reference.square().sum(), x)
+    torch.testing.assert_close(grad, reference_grad)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_deterministic_cuda_training_repeats_bit_for_bit(tmp_path: Path):
+    from conftest import small_run
+    from safetensors.torch import load_file
+
+    # 256 px: VGG's last map (8x8) is really pooled to 7x7, where CUDA's adaptive pooling would stop the run.
+    runs = [small_run(tmp_path / str(i), 2, "--image-size", "256", "--deterministic", "--device", "cuda")
+            for i in range(2)]  # fmt: skip
+    first, second = (load_file(run / "last.safetensors") for run in runs)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -287,3 +288,18 @@ def test_a_state_written_before_checksums_still_resumes(finished: Path, tmp_path
     torch.save({**state, "format": "vgg.state/1"}, run / STATE_FILE)
     assert load_state(run)["epoch"] == 1
     assert "has no checksum" in caplog.text
+
+
+def test_the_folder_is_flushed_after_each_rename(tmp_path: Path, monkeypatch):
+    flushed: list[tuple[bool, str]] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        flushed.append((stat.S_ISDIR(os.fstat(fd).st_mode), os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    write_json(tmp_path / "a.json", {"a": 1})
+    # The file's content first (under its temp name), then the folder that now names it.
+    assert [is_dir for is_dir, _ in flushed] == [False, True] and flushed[1][1] == str(tmp_path)
+    assert flushed[0][1].startswith(str(tmp_path / ".a.json."))

@@ -72,6 +72,7 @@ _OUTPUT = "classifier.6.weight"  # the output layer: one row per class
 _FIRST_DENSE = "classifier.0.weight"  # its inputs follow from image_size
 _RESIZE = ("squash", "crop")
 _INTERPOLATION = ("bilinear", "nearest")
+_NORMALISATION_LIMIT = 1e4
 
 
 def parse_info(raw: Any, shapes: dict[str, list[int]] | None = None, where: str = "model file") -> ModelInfo:
@@ -94,7 +95,12 @@ def parse_info(raw: Any, shapes: dict[str, list[int]] | None = None, where: str 
     unknown = sorted(set(raw) - set(known))
     if unknown:
         raise UsageError(f"{where}: unknown field {unknown[0]!r} in the header (written by a newer vgg?).")
-    missing = [name for name, f in known.items() if name not in raw and f.default is dataclasses.MISSING]
+    required = [
+        name
+        for name, f in known.items()
+        if dataclasses.MISSING is f.default and dataclasses.MISSING is f.default_factory
+    ]
+    missing = [name for name in required if name not in raw]
     if missing:
         raise UsageError(f"{where}: the header has no {missing[0]!r}.")
     arch, names, size = raw["arch"], raw["class_names"], raw["image_size"]
@@ -108,8 +114,14 @@ def parse_info(raw: Any, shapes: dict[str, list[int]] | None = None, where: str 
         value = raw[name]
         if not (isinstance(value, list) and len(value) == 3 and all(_finite(v) for v in value)):
             raise bad(name, "3 finite numbers (R, G, B)", value)
-    if not all(v > 0 for v in raw["std"]):
-        raise bad("std", "3 positive numbers (images are divided by it)", raw["std"])
+    # Pixels are (x / 255 - mean) / std: means far outside [0, 1] or a vanishing std turn every pixel into an
+    # overflow, and every probability into NaN.
+    if not all(-_NORMALISATION_LIMIT <= v <= _NORMALISATION_LIMIT for v in raw["mean"]):
+        raise bad("mean", f"3 numbers from -{_NORMALISATION_LIMIT:g} to {_NORMALISATION_LIMIT:g}", raw["mean"])
+    if not all(1 / _NORMALISATION_LIMIT <= v <= _NORMALISATION_LIMIT for v in raw["std"]):
+        raise bad(
+            "std", f"3 positive numbers from {1 / _NORMALISATION_LIMIT:g} to {_NORMALISATION_LIMIT:g}", raw["std"]
+        )
     checks: dict[str, tuple[Any, str]] = {
         "dropout": (lambda v: _finite(v) and 0 <= v <= 1, "a number from 0 to 1"),
         "resize": (lambda v: v in _RESIZE, f"one of {{{', '.join(_RESIZE)}}}"),
@@ -182,12 +194,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[VG
     """Build the model a file describes and load its weights; no code from the file is executed."""
     info, tensors = _open(path)
     for name, tensor in tensors.items():
-        # A flipped exponent bit makes a weight inf or NaN, and every probability NaN.
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        # A flipped exponent bit makes a weight inf or NaN, and every probability NaN. Any NaN or inf makes the sum
+        # NaN or inf: one pass, no mask as large as the tensor.
+        if tensor.is_floating_point() and not math.isfinite(tensor.sum(dtype=torch.float64).item()):
             raise UsageError(
                 f"{path}: the weights {name} are not finite numbers (NaN or infinity): the file is damaged."
             )
-    model = build(info.arch, num_classes=info.num_classes, image_size=info.image_size, dropout=info.dropout)
+    model = build(
+        info.arch, num_classes=info.num_classes, image_size=info.image_size, dropout=info.dropout, init_weights=False
+    )
     try:
         model.load_state_dict(tensors)
     except RuntimeError as error:

@@ -46,7 +46,7 @@ class TrainConfig:
     )
     arch: str = setting("vgg16", "vgg11, vgg13, vgg16, vgg19 or their _bn variants")
     image_size: int = setting(224, "images are resized to this square side", low=MIN_IMAGE_SIZE, high=MAX_IMAGE_SIZE)
-    epochs: int = setting(30, "maximum number of epochs", low=1, resumable=True)
+    epochs: int = setting(30, "maximum number of epochs", low=1, high=1_000_000, resumable=True)
     batch_size: int | Literal["auto"] = setting(64, "images per step, or auto (the largest that fits)", low=1)
     optimizer: Literal["sgd", "adam", "adamw"] = setting("adamw", "the optimizer")
     lr: float | None = setting(None, "peak learning rate (default: 1e-3 for _bn archs from scratch, else 2e-4)")
@@ -87,7 +87,7 @@ class TrainConfig:
         "auto", "numeric precision: auto is bf16 where the hardware runs it natively; fp16 needs CUDA"
     )
     workers: int | None = setting(
-        None, "image decoding processes (default: one per core, up to 8)", low=0, resumable=True
+        None, "image decoding processes (default: one per core, up to 8)", low=0, high=256, resumable=True
     )
     cache: Literal["auto", "ram", "none"] = setting(
         "auto", "keep decoded images in memory: auto when they fit", resumable=True

@@ -39,7 +39,7 @@ from ..files import DiskFull, file_mode, remove_stale_temps, write_csv, write_js
 from ..report import plot_curves, write_history
 from ..scan import Sample, write_split
 from .config import TrainConfig, to_dict
-from .state import STATE_FILE, fingerprint, save_state
+from .state import STATE_FILE, fingerprint, save_state, split_digest
 
 DEFAULT_OUT = "runs/train"
 LOCK_FILE = ".lock"
@@ -188,6 +188,7 @@ class RunDir:
         self.config, self.main, self.log = config, main, log
         self.best, self.last = self.path / "best.safetensors", self.path / "last.safetensors"
         self.writer = _tensorboard(config, state) if main else None
+        self.split_sha256: str | None = None
 
     def start(
         self,
@@ -204,6 +205,7 @@ class RunDir:
             return
         self.path.mkdir(parents=True, exist_ok=True)
         write_split(self.path / "split.csv", classes, train, val)
+        self.split_sha256 = split_digest(self.path)
         self.write_skipped(skipped)
         versions = {
             "vgg": __version__,
@@ -246,7 +248,7 @@ class RunDir:
         if not self.main:
             return
         try:
-            save_state(self.path, {**state, "settings": fingerprint(self.config)})
+            save_state(self.path, {**state, "settings": fingerprint(self.config), "split_sha256": self.split_sha256})
         except DiskFull as error:
             raise DiskFull(f"{error} The run can continue from there: vgg train --resume {self.path}") from error
 

@@ -323,11 +323,20 @@ def fingerprint(config: TrainConfig) -> dict[str, Any]:
     return {key: value for key, value in to_dict(config).items() if key not in fixed}
 
 
+def split_digest(run_dir: str | Path) -> str | None:
+    """SHA-256 of RUN_DIR/split.csv (``None`` when there is none): state.pt records the split it was trained on."""
+    try:
+        return hashlib.sha256((Path(run_dir) / "split.csv").read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def check_resume(state: dict[str, Any], config: TrainConfig, saved: SavedRun, world_size: int) -> None:
-    """Check that ``state`` belongs to the run config.json describes, and that it runs in as many processes.
+    """Check that ``state`` belongs to the run config.json and split.csv describe, and that it runs in as many
+    processes.
 
     Raises:
-        UsageError: another number of processes, or state.pt and config.json from two different runs.
+        UsageError: another number of processes, or state.pt, config.json and split.csv not all of one run.
     """
     for trained, source in ((saved.world_size, "config.json"), (len(state["rng"]), STATE_FILE)):
         if trained != world_size:
@@ -347,6 +356,12 @@ def check_resume(state: dict[str, Any], config: TrainConfig, saved: SavedRun, wo
                 f"{_short(current.get(key))} in one and {_short(recorded.get(key))} in the other). Start a new run, "
                 "or restore the run's own files."
             )
+    recorded_split = state.get("split_sha256")
+    if isinstance(recorded_split, str) and split_digest(config.out) != recorded_split:
+        raise UsageError(
+            f"Cannot resume {config.out}: split.csv is not the split {STATE_FILE} was trained on (it changed or is "
+            "missing). Restore the run's split.csv, or start a new run (--split FILE reuses any split)."
+        )
 
 
 def _clash(run_dir: Path, key: str, saved: Any, given: Any) -> UsageError:
