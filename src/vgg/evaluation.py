@@ -139,7 +139,7 @@ def confusion_png(confusion: Sequence[Sequence[int]], class_names: Sequence[str]
     shares = counts / counts.sum(1, keepdim=True).clamp(min=1)
     n = len(class_names)
     side = min(30.0, max(5.0, 2.5 + 0.28 * n))
-    font = max(4.0, min(10.0, 160 / max(n, 1)))
+    font = max(7.0, min(10.0, 160 / max(n, 1)))  # 7 pt: the largest that fits a 0.28 in cell at 100 classes
     figure, axes = plt.subplots(figsize=(side + 1.2, side))
     image = axes.imshow(shares.numpy(), cmap="Blues", vmin=0, vmax=1)
     axes.set_xticks(range(n), class_names, rotation=90, fontsize=font)
@@ -152,7 +152,8 @@ def confusion_png(confusion: Sequence[Sequence[int]], class_names: Sequence[str]
             for j in range(n):
                 if counts[i, j] > 0:
                     value = shares[i, j].item()
-                    axes.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=font * 0.9,
+                    text = f"{100 * value:.0f}" if value >= 0.005 else "<1"  # a few images, not none
+                    axes.text(j, i, text, ha="center", va="center", fontsize=font * 0.9,
                               color="white" if value > 0.5 else "black")  # fmt: skip
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of the true class")
     figure.tight_layout()
