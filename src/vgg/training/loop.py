@@ -366,7 +366,7 @@ def fit(
             on_step=on_step, mixer=mixer, class_weights=class_weights,
         )  # fmt: skip
         resumed, start = None, 0
-        val = evaluate(raw, val_batches, step, num_classes)
+        val = evaluate(raw, val_batches, step, num_classes, progress)
         improved = run.record(epoch, train, val, time.perf_counter() - started)
         if on_epoch_end is not None:
             on_epoch_end(run.result.history, improved)
