@@ -106,7 +106,10 @@ def evaluate(
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=step.device)
     loss_sum = torch.zeros((), device=step.device)
     top5 = torch.zeros((), dtype=torch.long, device=step.device)
-    for images, labels, *_ in tqdm(batches, desc="evaluate", leave=False, disable=not progress, unit="batch"):
+    # Counted in images, so that the bar shows images/s as training's does.
+    bar = tqdm(desc="evaluate", leave=False, disable=not progress, unit="img", dynamic_ncols=True)
+    for images, labels, *_ in batches:
+        bar.update(len(labels))
         if len(labels) == 0:
             continue
         labels = labels.to(step.device)
@@ -117,6 +120,7 @@ def evaluate(
         )
         if num_classes >= 5:
             top5 += (logits.topk(5, dim=1).indices == labels[:, None]).any(1).sum()
+    bar.close()
     for tensor in (confusion, loss_sum, top5):
         all_reduce_sum(tensor)
     confusion = confusion.cpu()
