@@ -209,7 +209,8 @@ def _predict(args: argparse.Namespace) -> int:
     predictions = [p for p in predictions if not p.error]
     for p in predictions:
         ranked = "  ".join(f"{label} {prob:.3f}" for label, prob in p.top_k)
-        print(f"{p.source}: {ranked}")
+        # below --threshold: the answer is "unknown", the ranking follows as the reason
+        print(f"{p.source}: {ranked}" if p.label == p.top_k[0][0] else f"{p.source}: {p.label} ({ranked})")
     return 1 if failed else 0
 
 
