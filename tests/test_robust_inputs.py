@@ -134,6 +134,34 @@ def test_doctor_names_a_file_that_crashes_its_decoder(tmp_path: Path, monkeypatc
     assert report["splits"]["train"]["counts"] == {"cat": 3, "dog": 3}
 
 
+def _native_decode(path, image_size=None):
+    """How vgg decoded PNGs before issue 13: torchvision's native decoder, which dies on the crashing PNG."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2 import functional as TF
+
+    image = decode_image(torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8), ImageReadMode.RGB)
+    return TF.resize(image, [image_size, image_size], antialias=True) if image_size else image
+
+
+@pytest.mark.parametrize("cache", ["ram", "none"])
+def test_a_loader_worker_killed_by_a_decoder_costs_one_file(tmp_path: Path, monkeypatch, cache: str):
+    """Second line of defence: should a native decoder still crash in a loader worker, the run goes on.
+
+    The workers fork from this process, so they decode with the patched (crashing) decoder: the crash is real.
+    """
+    from vgg import batches
+
+    data = write_images(tmp_path / "data", {k: COLOURS[k] for k in ("cat", "dog")}, per_class=5)
+    (data / "cat" / "killer.png").write_bytes(crashing_png())
+    monkeypatch.setattr(batches, "decode", _native_decode)
+    samples = scan.scan_folder(data).samples
+    loaded = batches.Batches(samples, 32, batch_size=4, shuffle=True, workers=2, cache=cache)
+    seen = sum(len(labels) for _, labels in loaded)
+    assert seen == 10
+    assert [(Path(path).name, reason) for path, reason in loaded.skipped] == [("killer.png", batches.CRASHED)]
+
+
 def _segfault_on_three(n: int) -> int:
     if n == 3:
         os.kill(os.getpid(), signal.SIGSEGV)

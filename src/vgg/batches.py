@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from .decoding import Fallbacks, Packed, assemble, decode, read_jpeg
 from .errors import UsageError
+from .isolation import map_isolated
 from .scan import Sample
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,24 @@ class DecodedImages(Dataset):
         if self.transform is not None:  # never with jpeg_bytes: Batches keeps those apart
             image = self.transform(image)
         return image, sample.label, str(sample.path), ""
+
+
+CRASHED = "decoder crashed (the process decoding this file died)"
+
+
+def _decode_alone(item: tuple[str, int]) -> torch.Tensor | str:
+    """One file decoded in an isolated process (``isolation.map_isolated``): the image, or the reason it is bad."""
+    path, image_size = item
+    try:
+        return decode(path, image_size)
+    except (OSError, ValueError) as error:
+        return str(error)
+
+
+def _worker_died(error: BaseException) -> bool:
+    """Whether a DataLoader error says that a worker process died (killed by a signal, or exited)."""
+    text = str(error)
+    return "DataLoader worker" in text and ("exited unexpectedly" in text or "killed by signal" in text)
 
 
 def _collate(items: list[tuple[torch.Tensor | None, int, str, str]]) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -266,11 +285,53 @@ class Batches(Resumable):
             persistent_workers=False,
         )
 
+    def _surviving(
+        self, batches: list[list[int]], transform: Callable | None = None, raw: bool = False
+    ) -> Iterator[tuple[bool, tuple]]:
+        """``(isolated, loader batch)`` for each batch, in order, even when a native decoder kills a loader worker.
+
+        Then the loader raises; the batch it was waiting for is decoded file by file in isolated processes
+        (``_isolated_batch``: the file that kills its process again is skipped as "decoder crashed") and a new
+        loader carries on after it. Each crash costs one batch decoded this way, so a crash in a batch further on
+        (workers prefetch) is reached after a few restarts. With ``workers=0`` decoding runs in this process and
+        nothing can be isolated. A worker death noticed while this process is elsewhere (the training step) is
+        raised there, as before: vgg decodes no format with a known crashing decoder (``decoding.py``), so this is
+        the second line of defence.
+        """
+        done = 0
+        while done < len(batches):
+            try:
+                for batch in self._loader(batches[done:], transform, raw=raw):
+                    done += 1
+                    yield False, batch
+                return
+            except RuntimeError as error:
+                if self.workers == 0 or not _worker_died(error):
+                    raise
+                log.warning("a loader worker died (%s): decoding its batch file by file in isolated processes", error)
+                yield True, self._isolated_batch(batches[done], transform)
+                done += 1
+
+    def _isolated_batch(self, indices: list[int], transform: Callable | None) -> tuple:
+        """A batch as ``_collate`` gives it, each file decoded in a process of its own that may die."""
+        items = [(str(self.samples[i].path), self.image_size) for i in indices]
+        decoded = map_isolated(_decode_alone, items, max(1, self.workers), lambda item: CRASHED, chunk=1)
+        rows = []
+        for i, result in zip(indices, decoded, strict=True):
+            sample = self.samples[i]
+            if isinstance(result, torch.Tensor):
+                rows.append((result if transform is None else transform(result), sample.label, str(sample.path), ""))
+            else:
+                rows.append((None, sample.label, str(sample.path), result))
+        return _collate(rows)
+
     def _decode_all(self, progress: bool = False) -> None:
         images, labels = [], []
         chunks = [list(range(i, min(i + 256, len(self.samples)))) for i in range(0, len(self.samples), 256)]
         with tqdm(total=len(self.samples), desc="decode", unit="img", leave=False, disable=not progress) as bar:
-            for batch_images, batch_labels, bad in self._loader(chunks):
+            for _, (batch_images, batch_labels, bad) in self._surviving(chunks):
+                if not len(batch_labels):
+                    batch_images = torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
                 images.append(batch_images)
                 labels.append(batch_labels)
                 self._record(bad)
@@ -331,13 +392,15 @@ class Batches(Resumable):
         else:
             batches = [order[start : start + self.batch_size].tolist() for start in starts]
             raw = self.decode_device is not None
-            for images, labels, bad, *paths in self._loader(batches, self.transform, raw=raw):
+            for isolated, (images, labels, bad, *paths) in self._surviving(batches, self.transform, raw=raw):
                 self._record(bad)
-                if raw:
+                if raw and not isolated:
                     images, labels, bad = assemble(
                         images, labels, paths[0], self.image_size, self.decode_device, self.fallbacks
                     )
                     self._record(bad)
+                elif raw:  # decoded on the host, file by file, after a loader worker died
+                    images = images.to(self.decode_device)
                 self.position += 1
                 if len(labels):
                     yield images, labels
