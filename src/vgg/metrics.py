@@ -1,10 +1,9 @@
 """Classification metrics over per-image outputs and confusion matrices: pure functions, no model, no files.
 
 Hand-written rather than imported: each is a few lines over a confusion matrix, and the libraries that have them
-cost more than they give here. Measured on this machine (2026-11-30, Python 3.11, torch already imported):
-torchmetrics 1.9 installs 9.4 MB but ``import torchmetrics`` adds 2.6-3.5 s (it imports torchvision.models and
-its image metrics); scikit-learn 1.9 with scipy installs 197 MB (0.38 s to import ``sklearn.metrics``). The tests
-check every function here against scikit-learn where it is installed (it is in the ``dev`` extra).
+cost more than they give here: ``import torchmetrics`` adds ~3 s (it imports torchvision.models), scikit-learn
+with scipy installs ~200 MB (benchmarks/RESULTS.md, "Design measurements"). The tests check every function here
+against scikit-learn where it is installed (it is in the ``dev`` extra).
 
 Conventions: confusion matrices have true classes as rows and predicted classes as columns; a class that is never
 predicted has precision 0 (scikit-learn's ``zero_division=0``), one with no images has recall 0 and weight 0.
