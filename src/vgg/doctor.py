@@ -72,7 +72,7 @@ def _split_report(root: Path, classes: list[str], workers: int, progress: bool =
     other: list[str] = []
     loose: list[str] = []
     images: dict[str, list[str]] = {name: [] for name in classes}
-    for relative, kind, detail in index_folder(root).files:
+    for relative, kind, detail in index_folder(root, progress=progress).files:
         top = relative.split(os.sep, 1)[0]
         path = str(root / relative)
         if top == relative or top not in images:

@@ -216,7 +216,7 @@ class Classifier:
         if imagenet:
             samples, labels, naming = imagenet_samples(folder, self.class_names)
         else:
-            scanned = scan_folder(folder, classes=self.class_names)
+            scanned = scan_folder(folder, classes=self.class_names, progress=progress)
             samples = [(sample.path, sample.label) for sample in scanned.samples]
             skipped.extend(scanned.skipped)
         outputs = collect(self, samples, batch_size, workers, progress)

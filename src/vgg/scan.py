@@ -22,6 +22,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .errors import UsageError
 from .files import atomic_write, write_csv
 
@@ -230,8 +232,13 @@ def _save_cached(index: Index) -> None:
         log.warning("could not write the index cache %s: %s", path, error)
 
 
-def index_folder(root: str | Path, cache: bool = True, cache_min_files: int = CACHE_MIN_FILES) -> Index:
-    """Index every visible file under ``root``, reusing the cached index while no folder has changed."""
+def index_folder(
+    root: str | Path, cache: bool = True, cache_min_files: int = CACHE_MIN_FILES, progress: bool = False
+) -> Index:
+    """Index every visible file under ``root``, reusing the cached index while no folder has changed.
+
+    ``progress``: a bar (files/s) while the files are classified; the total is unknown until the walk ends.
+    """
     root = Path(root)
     if cache:
         cached = _load_cached(root)
@@ -240,12 +247,14 @@ def index_folder(root: str | Path, cache: bool = True, cache_min_files: int = CA
             return cached
     files: list[tuple[str, str, str]] = []
     folders: dict[str, int] = {}
-    for dirpath, names in walk(root):
-        relative = os.path.relpath(dirpath, root)
-        folders[relative] = os.stat(dirpath).st_mtime_ns
-        for name in names:
-            kind, detail = classify(os.path.join(dirpath, name))
-            files.append((os.path.normpath(os.path.join(relative, name)), kind, detail))
+    with tqdm(desc=f"index {root.name or root}", unit="file", leave=False, disable=not progress) as bar:
+        for dirpath, names in walk(root):
+            relative = os.path.relpath(dirpath, root)
+            folders[relative] = os.stat(dirpath).st_mtime_ns
+            for name in names:
+                kind, detail = classify(os.path.join(dirpath, name))
+                files.append((os.path.normpath(os.path.join(relative, name)), kind, detail))
+            bar.update(len(names))
     index = Index(root, files, folders)
     if cache and len(files) >= cache_min_files:
         _save_cached(index)
@@ -296,7 +305,9 @@ def class_folders(root: Path) -> list[str]:
     return found
 
 
-def scan_folder(root: str | Path, classes: Sequence[str] | None = None, cache: bool = True) -> ImageFolder:
+def scan_folder(
+    root: str | Path, classes: Sequence[str] | None = None, cache: bool = True, progress: bool = False
+) -> ImageFolder:
     """Index ``root/<class>/**/<image>``.
 
     Args:
@@ -304,6 +315,7 @@ def scan_folder(root: str | Path, classes: Sequence[str] | None = None, cache: b
         classes: the class names to expect (a validation folder must have the training classes); by default
             the sorted names of the visible subfolders.
         cache: reuse (and write) the cached index of a big folder.
+        progress: a bar while a folder is indexed (not when the cached index is used).
 
     Raises:
         UsageError: the folder is missing, has fewer than two classes, or a class has no usable images.
@@ -327,7 +339,7 @@ def scan_folder(root: str | Path, classes: Sequence[str] | None = None, cache: b
             )
     label_of = {name: i for i, name in enumerate(classes)}
     folder = ImageFolder(root, list(classes), [])
-    for relative, kind, detail in index_folder(root, cache).files:
+    for relative, kind, detail in index_folder(root, cache, progress=progress).files:
         top = relative.split(os.sep, 1)[0]
         if top == relative or top not in label_of:  # files at the top level belong to no class
             continue
