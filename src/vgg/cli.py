@@ -316,7 +316,7 @@ def _add_datasets(commands: argparse._SubParsersAction) -> None:
 def _datasets(args: argparse.Namespace) -> int:
     from .datasets import fashion_mnist
 
-    dest = fashion_mnist(args.dest, args.source, args.limit_per_class)
+    dest = fashion_mnist(args.dest, args.source, args.limit_per_class, progress=sys.stderr.isatty())
     print(f"wrote Fashion-MNIST to {dest}/train and {dest}/test")
     return 0
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from .errors import UsageError
 
@@ -159,13 +160,16 @@ def _find_source(source: str | Path | None, cache: Path) -> Path:
     return cache
 
 
-def fashion_mnist(dest: str | Path, source: str | Path | None = None, limit_per_class: int | None = None) -> Path:
+def fashion_mnist(
+    dest: str | Path, source: str | Path | None = None, limit_per_class: int | None = None, progress: bool = False
+) -> Path:
     """Write Fashion-MNIST as ``dest/train/<class>/<n>.png`` and ``dest/test/<class>/<n>.png``.
 
     Args:
         dest: output folder; written atomically (a temp folder renamed at the end), skipped if already complete.
         source: folder with the four IDX files; by default Debian's package, then a download.
         limit_per_class: write at most this many images per class and split (for quick trials).
+        progress: a bar (images/s) while the PNGs are written.
 
     Returns:
         ``dest``.
@@ -187,7 +191,9 @@ def fashion_mnist(dest: str | Path, source: str | Path | None = None, limit_per_
         for name in FASHION_MNIST_CLASSES:
             (temp / split / name).mkdir(parents=True, exist_ok=True)
         written = [0] * len(FASHION_MNIST_CLASSES)
-        for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+        pairs = tqdm(zip(images, labels, strict=True), total=len(images), desc=split, unit="img", leave=False,
+                     disable=not progress)  # fmt: skip
+        for index, (image, label) in enumerate(pairs):
             if limit_per_class is not None and written[label] >= limit_per_class:
                 continue
             written[label] += 1
