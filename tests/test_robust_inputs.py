@@ -162,6 +162,18 @@ def test_a_loader_worker_killed_by_a_decoder_costs_one_file(tmp_path: Path, monk
     assert [(Path(path).name, reason) for path, reason in loaded.skipped] == [("killer.png", batches.CRASHED)]
 
 
+def test_evaluate_survives_a_loader_worker_killed_by_a_decoder(tmp_path: Path, monkeypatch, model_file: Path):
+    import vgg
+    from vgg import batches
+
+    data = write_images(tmp_path / "data", {k: COLOURS[k] for k in ("cat", "dog")}, per_class=3)
+    (data / "dog" / "killer.png").write_bytes(crashing_png())
+    monkeypatch.setattr(batches, "decode", _native_decode)
+    result = vgg.load(model_file, device="cpu").evaluate(data, batch_size=2, workers=2)
+    assert [(Path(s["path"]).name, s["reason"]) for s in result["skipped"]] == [("killer.png", batches.CRASHED)]
+    assert sum(sum(row) for row in result["confusion"]) == 6
+
+
 def _segfault_on_three(n: int) -> int:
     if n == 3:
         os.kill(os.getpid(), signal.SIGSEGV)

@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 # Decoded datasets up to this size stay in memory as uint8 (60,000 images at 32 px take 184 MB).
 RAM_CACHE_LIMIT = 4 * 1024**3
 
+# torch raises a dead loader worker's error from a SIGCHLD handler, wherever this process happens to be (in the middle
+# of a training step). Marked as installed, the handler never is: the loader then finds a dead worker itself while it
+# waits for a batch (within torch's 5 s status interval) and raises there, inside ``_surviving``, which recovers.
+if hasattr(torch.utils.data._utils.signal_handling, "_SIGCHLD_handler_set"):
+    torch.utils.data._utils.signal_handling._SIGCHLD_handler_set = True
+
 
 def limit_per_class(samples: list[Sample], limit: int, seed: int = 0) -> list[Sample]:
     """Keep at most ``limit`` samples of each class, chosen at random with ``seed``."""
@@ -95,6 +101,47 @@ def _worker_died(error: BaseException) -> bool:
     return "DataLoader worker" in text and ("exited unexpectedly" in text or "killed by signal" in text)
 
 
+def _surviving(
+    make_loader: Callable[[list[list[int]]], DataLoader],
+    batches: list[list[int]],
+    workers: int,
+    isolated_batch: Callable[[list[int]], tuple],
+) -> Iterator[tuple[bool, tuple]]:
+    """``(isolated, loader batch)`` for each batch, in order, even when a native decoder kills a loader worker.
+
+    Then the loader raises; the batch it was waiting for is decoded file by file in isolated processes
+    (``isolated_batch``, with ``isolation.map_isolated``: the file that kills its process again is skipped as
+    "decoder crashed") and a new loader carries on after it. Each crash costs one batch decoded this way, so a crash
+    in a batch further on (workers prefetch) is reached after a few restarts. With ``workers=0`` decoding runs in
+    this process and nothing can be isolated. vgg decodes no format with a known crashing decoder (``decoding.py``):
+    this is the second line of defence.
+    """
+    done = 0
+    while done < len(batches):
+        try:
+            for batch in make_loader(batches[done:]):
+                done += 1
+                yield False, batch
+            return
+        except RuntimeError as error:
+            if workers == 0 or not _worker_died(error):
+                raise
+            log.warning("a loader worker died (%s): decoding its batch file by file in isolated processes", error)
+            yield True, isolated_batch(batches[done])
+            done += 1
+
+
+def _isolated_rows(
+    files: list[tuple[str, int]], decode_one: Callable[[tuple], torch.Tensor | str], items: list, workers: int
+) -> list[tuple[torch.Tensor | None, int, str, str]]:
+    """``(image, label, path, reason)`` rows, each file decoded in a process of its own that may die."""
+    decoded = map_isolated(decode_one, items, max(1, workers), lambda item: CRASHED, chunk=1)
+    return [
+        (result, label, path, "") if isinstance(result, torch.Tensor) else (None, label, path, result)
+        for (path, label), result in zip(files, decoded, strict=True)
+    ]
+
+
 def _collate(items: list[tuple[torch.Tensor | None, int, str, str]]) -> tuple[torch.Tensor, torch.Tensor, list]:
     good = [(image, label) for image, label, _, _ in items if image is not None]
     bad = [(path, reason) for image, _, path, reason in items if image is None]
@@ -142,21 +189,51 @@ def _collate_with_paths(items: list) -> tuple[torch.Tensor, torch.Tensor, list[t
     return images, labels, bad, [path for image, _, path, _ in items if image is not None]
 
 
+def _fitted_alone(item: tuple[str, Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor | str:
+    """One file decoded and fitted in an isolated process: the image, or the reason it is bad."""
+    path, fit = item
+    try:
+        return fit(decode(path))
+    except (OSError, ValueError) as error:
+        return str(error)
+
+
+class FittedBatches:
+    """Batches ``(images, labels, bad, paths)`` of ``FittedImages`` in sample order, decoded by loader workers; a
+    worker killed by a native decoder costs the file that killed it (``_surviving``), not the evaluation."""
+
+    def __init__(self, samples: Sequence[tuple[str | Path, int]], fit: Callable, batch_size: int, workers: int):
+        self.samples, self.fit, self.batch_size, self.workers = list(samples), fit, batch_size, workers
+        self.dataset = FittedImages(self.samples, fit)
+
+    def __len__(self) -> int:
+        return -(-len(self.samples) // self.batch_size)
+
+    def _loader(self, batches: list[list[int]]) -> DataLoader:
+        return DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers, collate_fn=_collate_with_paths)
+
+    def _isolated(self, indices: list[int]) -> tuple:
+        files = [(str(self.samples[i][0]), self.samples[i][1]) for i in indices]
+        rows = _isolated_rows(files, _fitted_alone, [(path, self.fit) for path, _ in files], self.workers)
+        return _collate_with_paths(rows)
+
+    def __iter__(self) -> Iterator[tuple]:
+        n = len(self.samples)
+        batches = [list(range(i, min(i + self.batch_size, n))) for i in range(0, n, self.batch_size)]
+        for _, batch in _surviving(self._loader, batches, self.workers, self._isolated):
+            yield batch
+
+
 def fitted_batches(
     samples: Sequence[tuple[str | Path, int]],
     fit: Callable[[torch.Tensor], torch.Tensor],
     batch_size: int,
     workers: int | None = None,
-) -> DataLoader:
+) -> FittedBatches:
     """Batches ``(images, labels, bad, paths)`` of ``FittedImages`` in sample order, decoded by loader workers."""
     if batch_size < 1:
         raise UsageError(f"batch_size must be a positive integer. Received: batch_size={batch_size}.")
-    return DataLoader(
-        FittedImages(samples, fit),
-        batch_size=batch_size,
-        num_workers=default_workers() if workers is None else workers,
-        collate_fn=_collate_with_paths,
-    )
+    return FittedBatches(samples, fit, batch_size, default_workers() if workers is None else workers)
 
 
 SAMPLERS = ("shuffle", "balanced")
@@ -288,42 +365,16 @@ class Batches(Resumable):
     def _surviving(
         self, batches: list[list[int]], transform: Callable | None = None, raw: bool = False
     ) -> Iterator[tuple[bool, tuple]]:
-        """``(isolated, loader batch)`` for each batch, in order, even when a native decoder kills a loader worker.
+        """``_surviving`` over this dataset's loader: a batch decoded in isolation is ``_collate``'s, transformed."""
 
-        Then the loader raises; the batch it was waiting for is decoded file by file in isolated processes
-        (``_isolated_batch``: the file that kills its process again is skipped as "decoder crashed") and a new
-        loader carries on after it. Each crash costs one batch decoded this way, so a crash in a batch further on
-        (workers prefetch) is reached after a few restarts. With ``workers=0`` decoding runs in this process and
-        nothing can be isolated. A worker death noticed while this process is elsewhere (the training step) is
-        raised there, as before: vgg decodes no format with a known crashing decoder (``decoding.py``), so this is
-        the second line of defence.
-        """
-        done = 0
-        while done < len(batches):
-            try:
-                for batch in self._loader(batches[done:], transform, raw=raw):
-                    done += 1
-                    yield False, batch
-                return
-            except RuntimeError as error:
-                if self.workers == 0 or not _worker_died(error):
-                    raise
-                log.warning("a loader worker died (%s): decoding its batch file by file in isolated processes", error)
-                yield True, self._isolated_batch(batches[done], transform)
-                done += 1
+        def isolated(indices: list[int]) -> tuple:
+            files = [(str(self.samples[i].path), self.samples[i].label) for i in indices]
+            rows = _isolated_rows(files, _decode_alone, [(path, self.image_size) for path, _ in files], self.workers)
+            if transform is not None:
+                rows = [(transform(image) if image is not None else None, *rest) for image, *rest in rows]
+            return _collate(rows)
 
-    def _isolated_batch(self, indices: list[int], transform: Callable | None) -> tuple:
-        """A batch as ``_collate`` gives it, each file decoded in a process of its own that may die."""
-        items = [(str(self.samples[i].path), self.image_size) for i in indices]
-        decoded = map_isolated(_decode_alone, items, max(1, self.workers), lambda item: CRASHED, chunk=1)
-        rows = []
-        for i, result in zip(indices, decoded, strict=True):
-            sample = self.samples[i]
-            if isinstance(result, torch.Tensor):
-                rows.append((result if transform is None else transform(result), sample.label, str(sample.path), ""))
-            else:
-                rows.append((None, sample.label, str(sample.path), result))
-        return _collate(rows)
+        return _surviving(lambda todo: self._loader(todo, transform, raw=raw), batches, self.workers, isolated)
 
     def _decode_all(self, progress: bool = False) -> None:
         images, labels = [], []
