@@ -54,7 +54,7 @@ def test_bad_values_are_named():
         UsageError, match=r"optimizer must be one of \{sgd, adam, adamw\}. Received: optimizer='rmsprop'"
     ):
         TrainConfig(optimizer="rmsprop").validate()
-    with pytest.raises(UsageError, match="epochs must be a positive integer. Received: epochs=0"):
+    with pytest.raises(UsageError, match="epochs must be between 1 and 1000000. Received: epochs=0"):
         resolve(epochs=0)
     with pytest.raises(UsageError, match="recipe must be one of"):
         resolve("keras")

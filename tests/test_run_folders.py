@@ -204,21 +204,23 @@ def test_resume_checks_processes_and_that_state_and_config_are_one_run(finished:
     _one_error_line(capsys, r"config.json and state.pt come from different runs \(label_smoothing is 0.2 in one")
 
 
+def _roles(run: Path) -> set[tuple[str, str, str]]:
+    """(file name, class, split) of every row of the run's split.csv."""
+    rows = (line.split(",") for line in (run / "split.csv").read_text().splitlines()[1:])
+    return {(Path(path).name, label, split) for path, label, split in rows}
+
+
 def test_resume_keeps_the_runs_split_when_images_were_added(finished: Path, tmp_path: Path, capsys):
-    root = tmp_path / "copy"
-    shutil.copytree(finished.parent / "data", root / "data")
-    run = shutil.copytree(finished, root / "run")
-    split = (finished / "split.csv").read_text()
-    data_before = str(finished.parent / "data")
-    (run / "split.csv").write_text(split.replace(data_before, str(root / "data")))
-    text = (run / "config.json").read_text().replace(data_before, str(root / "data"))
-    (run / "config.json").write_text(text)
-    write_images(root / "data", {"cat": COLOURS["cat"], "dog": COLOURS["dog"]}, per_class=20, seed=7)  # 8 new each
-    before = (run / "split.csv").read_text()
-    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    data = shutil.copytree(finished.parent / "data", tmp_path / "data")
+    run = _copy(finished, tmp_path)
+    write_images(data, {"cat": COLOURS["cat"], "dog": COLOURS["dog"]}, per_class=20, seed=7)  # 8 new images each
+    kept = _roles(run)
+    assert main(["train", str(data), "--resume", str(run), "--epochs", "2"]) == 0
     out = capsys.readouterr().out
     assert "16 images in" in out and "not in the run's split.csv" in out and "epoch 2/2" in out
-    assert (run / "split.csv").read_text() == before  # no validation image moved into training
+    # The same images in the same roles (under the folder's new name): no validation image moved into training.
+    assert _roles(run) == kept and len(kept) == 24
+    assert str(data) in (run / "split.csv").read_text()
 
 
 def test_resume_follows_a_dataset_that_moved(finished: Path, tmp_path: Path, capsys):
@@ -227,6 +229,18 @@ def test_resume_follows_a_dataset_that_moved(finished: Path, tmp_path: Path, cap
     assert main(["train", str(moved), "--resume", str(run)]) == 0
     assert "already finished 1 epochs" in capsys.readouterr().out
     assert str(moved) in (run / "split.csv").read_text()
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 0  # the run now knows the new place
+    assert "epoch 2/2" in capsys.readouterr().out
+
+
+def test_a_split_changed_behind_the_runs_back_is_refused(finished: Path, tmp_path: Path, capsys):
+    run = _copy(finished, tmp_path)
+    lines = (run / "split.csv").read_text().splitlines()
+    moved = next(i for i, line in enumerate(lines) if line.endswith(",val"))
+    lines[moved] = lines[moved][: -len("val")] + "train"  # a validation image moved into training
+    (run / "split.csv").write_text("\n".join(lines) + "\n")
+    assert main(["train", "--resume", str(run), "--epochs", "2"]) == 2
+    _one_error_line(capsys, r"split.csv is not the split state.pt was trained on")
 
 
 def test_stale_temp_files_of_a_killed_save_are_removed(finished: Path, tmp_path: Path, capsys):

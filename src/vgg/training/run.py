@@ -31,7 +31,7 @@ from .config import TrainConfig
 from .features import cached_fit_inputs
 from .loop import FitResult, fit
 from .rundir import RunDir, own_folder
-from .state import SavedRun, check_resume, load_state, read_run
+from .state import SavedRun, check_resume, check_split, load_state, read_run, split_digest
 from .transfer import prepare
 
 
@@ -127,6 +127,8 @@ def _train(
     torch.manual_seed(config.seed)
 
     data = read_data(config, saved, log)
+    if state is not None:
+        check_split(state, split_digest(data.train, data.val, [config.data, config.val]), config.out)
     # Weights are read before the images are decoded: a missing weights file should not cost a decoding pass.
     model = build(config.arch, num_classes=len(data.classes), image_size=config.image_size, dropout=config.dropout)
     preprocessing = prepare(model, config, data.classes, log)

@@ -205,7 +205,7 @@ class RunDir:
             return
         self.path.mkdir(parents=True, exist_ok=True)
         write_split(self.path / "split.csv", classes, train, val)
-        self.split_sha256 = split_digest(self.path)
+        self.split_sha256 = split_digest(train, val, [config.data, config.val])
         self.write_skipped(skipped)
         versions = {
             "vgg": __version__,

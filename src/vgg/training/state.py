@@ -15,6 +15,7 @@ import logging
 import pickle
 import random
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -23,6 +24,7 @@ import torch
 
 from ..errors import UsageError
 from ..files import atomic_write
+from ..scan import Sample
 from .config import TrainConfig, merge, to_dict
 from .settings import resumable
 
@@ -323,20 +325,40 @@ def fingerprint(config: TrainConfig) -> dict[str, Any]:
     return {key: value for key, value in to_dict(config).items() if key not in fixed}
 
 
-def split_digest(run_dir: str | Path) -> str | None:
-    """SHA-256 of RUN_DIR/split.csv (``None`` when there is none): state.pt records the split it was trained on."""
-    try:
-        return hashlib.sha256((Path(run_dir) / "split.csv").read_bytes()).hexdigest()
-    except OSError:
-        return None
+def split_digest(train: Sequence[Sample], val: Sequence[Sample], roots: Sequence[str | None]) -> str:
+    """SHA-256 of a split (each image's path under its dataset folder, label and role, in order): state.pt records
+    the split it was trained on. Paths are taken relative to ``roots`` so that a dataset that moves keeps its digest.
+    """
+    folders = [Path(root) for root in roots if root]
+    sha = hashlib.sha256()
+    for role, samples in (("train", train), ("val", val)):
+        for sample in samples:
+            path = Path(sample.path)
+            under = next((path.relative_to(f) for f in folders if path.is_relative_to(f)), path)
+            sha.update(f"{under}\t{sample.label}\t{role}\n".encode())
+    return sha.hexdigest()
+
+
+def check_split(state: dict[str, Any], digest: str, out: str | Path) -> None:
+    """Check that the split a resume read from RUN_DIR/split.csv is the one ``state`` was trained on.
+
+    Raises:
+        UsageError: split.csv was changed (or belongs to another run).
+    """
+    recorded = state.get("split_sha256")  # absent in states written before it was recorded
+    if isinstance(recorded, str) and recorded != digest:
+        raise UsageError(
+            f"Cannot resume {out}: split.csv is not the split {STATE_FILE} was trained on (it was changed, or comes "
+            "from another run). Restore the run's split.csv, or start a new run (--split FILE reuses any split)."
+        )
 
 
 def check_resume(state: dict[str, Any], config: TrainConfig, saved: SavedRun, world_size: int) -> None:
-    """Check that ``state`` belongs to the run config.json and split.csv describe, and that it runs in as many
-    processes.
+    """Check that ``state`` belongs to the run config.json describes, and that it runs in as many processes
+    (``check_split`` checks split.csv, once it is read).
 
     Raises:
-        UsageError: another number of processes, or state.pt, config.json and split.csv not all of one run.
+        UsageError: another number of processes, or state.pt and config.json from two different runs.
     """
     for trained, source in ((saved.world_size, "config.json"), (len(state["rng"]), STATE_FILE)):
         if trained != world_size:
@@ -356,12 +378,6 @@ def check_resume(state: dict[str, Any], config: TrainConfig, saved: SavedRun, wo
                 f"{_short(current.get(key))} in one and {_short(recorded.get(key))} in the other). Start a new run, "
                 "or restore the run's own files."
             )
-    recorded_split = state.get("split_sha256")
-    if isinstance(recorded_split, str) and split_digest(config.out) != recorded_split:
-        raise UsageError(
-            f"Cannot resume {config.out}: split.csv is not the split {STATE_FILE} was trained on (it changed or is "
-            "missing). Restore the run's split.csv, or start a new run (--split FILE reuses any split)."
-        )
 
 
 def _clash(run_dir: Path, key: str, saved: Any, given: Any) -> UsageError:
