@@ -4,7 +4,8 @@
     python benchmarks/bench_serve.py --part backends --arch vgg16 --image-size 224
 
 Part ``backends``: images/s of one model call at batch 1, 8 and 32, for PyTorch as ``vgg predict`` runs it (bf16
-where the CPU has native bf16, else fp32), PyTorch in fp32, and onnxruntime (fp32) on the ONNX export.
+where the CPU has native bf16, else fp32), PyTorch in fp32, and onnxruntime (fp32) on the ONNX export, each with
+all cores and with one thread (on a shared machine, threads that wait for each other are what suffers).
 Part ``serve``: N client threads over loopback, each sending one image per request on a kept-alive connection;
 requests/s and p50/p99 latency with micro-batching (``--max-batch 32 --max-wait-ms 5``) and without
 (``--max-batch 1``), for each backend; baseline: ``vgg predict MODEL IMAGE`` run again and again (a process each).
@@ -60,19 +61,22 @@ def make_model(folder: Path, arch: str, size: int, classes: int) -> tuple[Path, 
     return path, image
 
 
-def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up: first calls allocate and pick kernels
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _one_thread(fn):
+    def run():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
 
 
 def part_backends(model: Path, size: int, repeats: int) -> list[str]:
+    """Images/s per backend and batch size; the backends take turns call by call, so load changes hit all alike."""
     onnx_path = export(model, "onnx", out=model.with_suffix(".onnx")).path
-    session = onnx_session(onnx_path)
+    session, session_1t = onnx_session(onnx_path), onnx_session(onnx_path, threads=1)
     auto = load(model, device="cpu")
     fp32 = load(model, device="cpu", precision="fp32")
     rows = []
@@ -82,9 +86,19 @@ def part_backends(model: Path, size: int, repeats: int) -> list[str]:
         runs = {
             f"torch {auto.step.precision} (vgg predict)": lambda images=images: auto.probabilities(images),
             "torch fp32": lambda images=images: fp32.probabilities(images),
-            "onnxruntime fp32": lambda floats=floats: session.run(None, {"image": floats}),
+            "torch fp32, 1 thread": _one_thread(lambda images=images: fp32.probabilities(images)),
+            "onnxruntime": lambda floats=floats: session.run(None, {"image": floats}),
+            "onnxruntime, 1 thread": lambda floats=floats: session_1t.run(None, {"image": floats}),
         }
-        cells = [f"{batch / best_of(run, repeats):,.0f}" for run in runs.values()]
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for run in runs.values():
+            run()  # warm-up: first calls allocate and pick kernels
+        for _ in range(repeats):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+        cells = [f"{batch / statistics.median(t):,.1f}" for t in times.values()]
         rows.append(f"| {batch} | " + " | ".join(cells) + " |")
     header = "| batch | " + " | ".join(runs) + " |\n|---|" + "---|" * len(runs)
     return [header, *rows]
@@ -180,7 +194,7 @@ def main() -> None:
         model, image = make_model(Path(folder), args.arch, args.image_size, args.classes)
         print(f"model: {args.arch}, {args.image_size} px, {args.classes} classes\n")
         if args.part in ("all", "backends"):
-            print("images/s of one model call (median of", args.repeats, "calls):\n")
+            print("images/s of one model call (median of", args.repeats, "calls, backends taking turns):\n")
             print("\n".join(part_backends(model, args.image_size, args.repeats)) + "\n")
         if args.part in ("all", "serve"):
             rows = part_serve(model, image, args.clients, args.requests, args.baseline_runs)

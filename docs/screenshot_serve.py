@@ -45,8 +45,9 @@ def main() -> None:
             driver.get(url + "/")
             time.sleep(1)
             driver.find_element("id", "files").send_keys("\n".join(str(Path(p).resolve()) for p in args.images))
-            for _ in range(120):
-                if len(driver.find_elements("css selector", ".result")) == len(args.images):
+            shown = "return [...document.querySelectorAll('img.cam')].filter(i => !i.hidden && i.naturalWidth).length"
+            for _ in range(240):  # the bars, then each image's Grad-CAM overlay
+                if driver.execute_script(shown) == len(args.images):
                     break
                 time.sleep(0.5)
             time.sleep(0.5)

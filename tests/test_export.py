@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from vgg import cli
 from vgg.checkpoint import ModelInfo, save_model
 from vgg.errors import UsageError
 from vgg.models import build
@@ -93,6 +94,14 @@ def test_default_output_path_is_beside_the_model(model_file):
     result = export(model_file, "exported-program")
     assert result.path == model_file.with_name("tiny.pt2") and result.path.is_file()
     assert "OK" in result.summary()
+
+
+def test_cli_export_prints_the_check(model_file, tmp_path, capsys):
+    out = tmp_path / "cli.pt2"
+    assert cli.main(["export", str(model_file), "--format", "exported-program", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "batch 5" in printed and printed.rstrip().endswith("OK")
+    assert cli.main(["export", str(model_file), "--format", "keras"]) == 2
 
 
 def test_unknown_format_and_misplaced_opset_are_usage_errors(model_file):

@@ -1,7 +1,8 @@
 """``vgg serve``: a model behind HTTP (FastAPI + uvicorn), with a web page to try it.
 
-Routes: ``POST /predict`` (one image as the raw body, or several as multipart files), ``GET /health``,
-``GET /model``, ``GET /metrics`` (Prometheus text) and ``GET /`` (the web page, ``web/index.html``).
+Routes: ``POST /predict`` (one image as the raw body, or several as multipart files), ``POST /explain`` (one
+image -> its Grad-CAM overlay as a PNG, ``vgg.explain``), ``GET /health``, ``GET /model``, ``GET /metrics``
+(Prometheus text) and ``GET /`` (the web page, ``web/index.html``).
 
 How a request flows: its bytes are decoded in a worker process (``decode_pool``: a crashing native decoder kills
 a worker, never the server), then its images join a queue that one inference thread empties in micro-batches of
@@ -12,7 +13,7 @@ Safety: binds to 127.0.0.1 unless told otherwise; limits on body bytes, files pe
 image; a bearer token (``--token`` or ``VGG_SERVE_TOKEN``) on every route but ``/health`` and the page itself;
 CORS off unless ``--cors-origin``; a per-client request budget (429 beyond it).
 
-The CPU backend was chosen by measurement: see benchmarks/RESULTS.md ("serving backends").
+The CPU backend was chosen by measurement: see benchmarks/RESULTS.md ("Serving").
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import hashlib
 import hmac
 import importlib.resources
 import importlib.util
+import io
 import logging
 import os
 import platform
@@ -41,14 +43,17 @@ from . import __version__
 from .checkpoint import ModelInfo
 from .decode_pool import DecodeError, DecoderCrashed, DecoderPool, Limits
 from .errors import UsageError
+from .explain import explain
 from .export import export, info_from_metadata, onnx_session, read_onnx_metadata
 from .httpkit import DRAIN_FACTOR, BodyLimit, Metrics, RateLimiter, body_too_large
+from .microbatch import Busy, MicroBatcher
 from .predict import Prediction, load
 from .runtime import pick_device
 
 try:
-    from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+    from fastapi import FastAPI, Query, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
     from starlette.exceptions import HTTPException
     from starlette.middleware.cors import CORSMiddleware
 except ImportError as error:  # the serve extra is optional
@@ -57,8 +62,9 @@ except ImportError as error:  # the serve extra is optional
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "onnxruntime")
-# What `auto` means on a CPU: onnxruntime ran VGG11 at 32 px 2.5-9x faster than PyTorch at batch 1-32 (bf16 and
-# fp32; benchmarks/RESULTS.md, "serving backends"). PyTorch where onnxruntime is not installed.
+# What `auto` means on a CPU: onnxruntime ran VGG11 at 32 px 3-19x faster than PyTorch's default (2 threads, bf16
+# or fp32) at batch 1-32 on a busy 2-core CPU, and as fast as PyTorch on one thread (benchmarks/RESULTS.md,
+# "Serving"). PyTorch where onnxruntime is not installed.
 CPU_BACKEND = "onnxruntime"
 TOKEN_ENV = "VGG_SERVE_TOKEN"
 OPEN_PATHS = frozenset({"/health", "/"})  # the page is static; it sends the token with its own requests
@@ -161,64 +167,12 @@ def _onnx_for(model: str) -> Path:
         key = digest.hexdigest()[:32]
     path = Path(os.environ.get("VGG_CACHE_DIR") or Path.home() / ".cache" / "vgg") / "onnx" / f"{key}.onnx"
     if not path.is_file():
+        log.warning("vgg serve: exporting %s to ONNX for onnxruntime, once (kept as %s)", model, path)
         result = export(model, "onnx", out=path)
         if not result.ok:
             path.unlink(missing_ok=True)
             raise RuntimeError(f"the ONNX export of {model} does not match PyTorch: {result.summary()}")
     return path
-
-
-class MicroBatcher:
-    """Collects single images from concurrent requests into batches for one inference thread."""
-
-    def __init__(self, run: Callable[[torch.Tensor], np.ndarray], max_batch: int, max_wait_ms: float, size: int):
-        self.run = run
-        self.max_batch = max_batch
-        self.max_wait = max_wait_ms / 1000
-        self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue(size)
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix="vgg-inference")
-        self.on_batch: Callable[[int], None] = lambda n: None
-
-    async def predict(self, image: np.ndarray) -> np.ndarray:
-        future = asyncio.get_running_loop().create_future()
-        try:
-            self.queue.put_nowait((image, future))
-        except asyncio.QueueFull:
-            raise ApiError("busy", "the server is busy: too many images waiting; try again shortly") from None
-        return await future
-
-    async def loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            items = [await self.queue.get()]
-            deadline = loop.time() + self.max_wait
-            while len(items) < self.max_batch:
-                if not self.queue.empty():
-                    items.append(self.queue.get_nowait())
-                    continue
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    items.append(await asyncio.wait_for(self.queue.get(), remaining))
-                except TimeoutError:
-                    break
-            items = [(image, future) for image, future in items if not future.done()]  # clients that left
-            if not items:
-                continue
-            batch = torch.from_numpy(np.stack([image for image, _ in items]))
-            self.on_batch(len(items))
-            try:
-                probabilities = await loop.run_in_executor(self.thread, self.run, batch)
-            except Exception as error:  # noqa: BLE001  one failed batch answers its requests, not the server
-                log.exception("inference failed")
-                for _, future in items:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            for (_, future), row in zip(items, probabilities, strict=True):
-                if not future.done():
-                    future.set_result(row)
 
 
 def predictions(probabilities: np.ndarray, names: list[str], class_names: list[str], top_k: int) -> list[dict]:
@@ -252,6 +206,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         await pool.warm_up()
         task = asyncio.create_task(batcher.loop())
         state.update(backend=backend, pool=pool, batcher=batcher)
+        state["explain_thread"] = ThreadPoolExecutor(1, thread_name_prefix="vgg-explain")
         log.warning("vgg serve: %s (%s) on http://%s:%d", config.model, backend.name, config.host, config.port)
         try:
             yield
@@ -259,6 +214,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             task.cancel()
             pool.close()
             batcher.thread.shutdown(wait=False)
+            state["explain_thread"].shutdown(wait=False)
 
     app = FastAPI(title="vgg", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     page = importlib.resources.files("vgg").joinpath("web/index.html").read_text()
@@ -284,7 +240,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     def _count(response: Any, path: str, start: float, kind: str | None) -> Any:
         if kind:
             metrics.errors[kind] += 1
-        known = path if path in {"/", "/predict", "/health", "/model", "/metrics"} else "other"
+        known = path if path in {"/", "/predict", "/explain", "/health", "/model", "/metrics"} else "other"
         metrics.observe_request(known, response.status_code, time.perf_counter() - start)
         return response
 
@@ -293,6 +249,11 @@ def create_app(config: ServeConfig) -> FastAPI:
         response = _error(error.kind, str(error))
         response.headers["x-vgg-error"] = error.kind
         return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        where = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in error.errors())
+        return await api_error(request, ApiError("bad_request", f"invalid request ({where})"))
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> str:
@@ -315,11 +276,12 @@ def create_app(config: ServeConfig) -> FastAPI:
                 "interpolation": info.interpolation,
                 "mean": info.mean,
                 "std": info.std,
-                **info.extra,
+                **{key: info.extra[key] for key in ("resize_size",) if key in info.extra},
             },
             "temperature": info.temperature,
             "backend": backend.name,
             **backend.details,
+            "explain": not str(config.model).endswith(".onnx"),
             "max_batch": config.max_batch,
             "max_wait_ms": config.max_wait_ms,
             "limits": {
@@ -335,11 +297,8 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def prometheus() -> str:
         return metrics.render()
 
-    @app.post("/predict")
-    async def predict(request: Request, top_k: int | None = None) -> dict:
-        k = config.top_k if top_k is None else top_k
-        if not 1 <= k <= 1000:
-            raise ApiError("bad_request", f"top_k must be between 1 and 1000. Received: top_k={top_k}.")
+    async def receive(request: Request) -> tuple[list[str], list[np.ndarray]]:
+        """The request's images, decoded for the model, or the ApiError that says why not."""
         length = request.headers.get("content-length")
         # Far too large by its own account: answered at once (smaller excess is read and dropped by BodyLimit).
         if length and length.isdigit() and int(length) > DRAIN_FACTOR * config.max_body_bytes:
@@ -354,11 +313,45 @@ def create_app(config: ServeConfig) -> FastAPI:
         if body_too_large(request.scope):
             raise too_large
         pool: DecoderPool = state["pool"]
-        batcher: MicroBatcher = state["batcher"]
         images = await asyncio.gather(*(_decode(pool, name, blob) for name, blob in zip(names, blobs, strict=True)))
-        rows = await asyncio.gather(*(batcher.predict(image) for image in images))
+        return names, list(images)
+
+    @app.post("/predict")
+    async def predict(request: Request, top_k: int | None = None) -> dict:
+        k = config.top_k if top_k is None else top_k
+        if not 1 <= k <= 1000:
+            raise ApiError("bad_request", f"top_k must be between 1 and 1000. Received: top_k={top_k}.")
+        names, images = await receive(request)
+        batcher: MicroBatcher = state["batcher"]
+        try:
+            rows = await asyncio.gather(*(batcher.predict(image) for image in images))
+        except Busy as error:
+            raise ApiError("busy", str(error)) from None
         info = state["backend"].info
         return {"predictions": predictions(np.stack(rows), names, info.class_names, k)}
+
+    @app.post("/explain")
+    async def explain_route(request: Request, class_name: str | None = Query(None, alias="class")) -> Response:
+        if str(config.model).endswith(".onnx"):
+            raise ApiError("bad_request", "Grad-CAM needs the model's weights: serve the .safetensors file, not ONNX")
+        names, images = await receive(request)
+        if len(images) != 1:
+            raise ApiError("bad_request", f"/explain takes one image. Received: {len(images)}.")
+        loop = asyncio.get_running_loop()
+        png, explained = await loop.run_in_executor(state["explain_thread"], grad_cam_png, images[0], class_name)
+        return Response(png, media_type="image/png", headers={"X-Class": explained})
+
+    def grad_cam_png(image: np.ndarray, class_name: str | None) -> tuple[bytes, str]:
+        # The Grad-CAM model loads on first use: a second copy of the weights, in PyTorch (it needs gradients).
+        if "explainer" not in state:
+            state["explainer"] = load(config.model, device=config.device, precision="fp32")
+        try:
+            (result,) = explain(state["explainer"], [torch.from_numpy(image)], class_name=class_name)
+        except UsageError as error:
+            raise ApiError("bad_request", str(error)) from None
+        out = io.BytesIO()
+        result.overlay().save(out, format="PNG")
+        return out.getvalue(), result.class_name
 
     return BodyLimit(_with_cors(app, config.cors_origin), config.max_body_bytes)
 
@@ -432,6 +425,13 @@ def serve(config: ServeConfig) -> None:
         raise UsageError(
             "--max-batch and --workers must be at least 1 and --max-wait-ms at least 0. Received: "
             f"max_batch={config.max_batch}, workers={config.workers}, max_wait_ms={config.max_wait_ms}."
+        )
+    if config.backend not in BACKENDS:
+        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}. Received: {config.backend!r}.")
+    model = str(config.model)
+    if not model.startswith("imagenet:") and not Path(model).is_file():
+        raise UsageError(
+            f"Model file not found: {model}. Expected a .safetensors file from `vgg train` or an .onnx file."
         )
     if config.host not in ("127.0.0.1", "localhost", "::1") and not (config.token or os.environ.get(TOKEN_ENV)):
         log.warning("vgg serve: listening on %s without a token: anyone who can reach it can use it", config.host)
