@@ -25,6 +25,7 @@ _EXPORTS = {
     "TrainConfig": "training.config",
     "AugmentConfig": "training.augment",
     "train": "training.run",
+    "lr_find": "training.run",
     "load": "predict",
     "import_keras": "keras_import",
     "load_keras": "keras_import",

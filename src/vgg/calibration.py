@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import load_model, save_model
-from .evaluation import collect
+from .evaluation import Outputs, collect
 from .metrics import apply_temperature, expected_calibration_error, fit_temperature
 from .predict import Classifier
 
@@ -23,6 +23,7 @@ class Calibration:
     ece_before: float
     ece_after: float
     images: int
+    outputs: Outputs | None = field(default=None, repr=False)  # the pass over the images, before calibration
 
     def line(self) -> str:
         return (
@@ -51,4 +52,4 @@ def calibrate_model_file(
     before = expected_calibration_error(outputs.log_probabilities.exp(), outputs.targets)
     after = expected_calibration_error(apply_temperature(outputs.log_probabilities, temperature).exp(), outputs.targets)
     save_model(path, classifier.model, dataclasses.replace(info, temperature=temperature))
-    return Calibration(temperature, before, after, len(outputs.targets))
+    return Calibration(temperature, before, after, len(outputs.targets), outputs)

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from . import __version__
@@ -42,6 +42,20 @@ def _batch_size(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', received {text!r}") from None
 
 
+def _number_or(kind: type, words: tuple[str, ...]) -> Callable[[str], float | str]:
+    """An argparse type for a number that may also be one of a few words (``--lr find``)."""
+
+    def parse(text: str) -> float | str:
+        if text in words:
+            return text
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or {' or '.join(words)}, received {text!r}") from None
+
+    return parse
+
+
 def _add_summary(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("summary", help="print a model's layers, output shapes and parameter counts")
     p.add_argument("--arch", default="vgg16", help="family member (vgg11 ... vgg19_bn); default vgg16")
@@ -69,13 +83,51 @@ def _add_train(commands: argparse._SubParsersAction, flags: bool = True) -> None
     p.set_defaults(run=_train)
     if not flags:
         return
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its state.pt, exactly")
+    _add_train_settings(p)
+
+
+def _add_lr_find(commands: argparse._SubParsersAction, flags: bool = True) -> None:
+    """``vgg lr-find DATA [train flags]``: the learning-rate range test for the run those flags describe."""
+    p = commands.add_parser(
+        "lr-find", help="learning-rate range test: loss against an exponentially rising rate; suggests a rate"
+    )
+    p.set_defaults(run=_lr_find, resume=None)
+    if not flags:
+        return
+    g = p.add_argument_group("range test")
+    g.add_argument("--start", type=float, default=1e-7, help="first learning rate; default 1e-7")
+    g.add_argument("--end", type=float, default=1.0, help="last learning rate (unless the loss diverges); default 1")
+    g.add_argument("--steps", type=int, default=200, help="optimizer steps (one batch each); default 200")
+    g.add_argument("--plot", default="lr-find.png", help="where to draw the loss curve (PNG); default lr-find.png")
+    g.add_argument("--json", action="store_true", help="print the rates, losses and suggestion as JSON")
+    _add_train_settings(p)
+
+
+def _lr_find(args: argparse.Namespace) -> int:
+    from .training.lr_find import describe, plot
+    from .training.run import lr_find
+
+    config = train_config(args)
+    log = (lambda _: None) if args.json else print
+    result = lr_find(config, args.start, args.end, args.steps, log=log, progress=sys.stderr.isatty())
+    plot(args.plot, result)
+    if args.json:
+        print(json.dumps({**result.as_dict(), "plot": args.plot}, indent=2))
+    else:
+        print(describe(result))
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def _add_train_settings(p: argparse.ArgumentParser) -> None:
+    """The settings of a training run, as flags (from ``TrainConfig``'s declarations)."""
     from .training.augment import AugmentConfig
     from .training.config import TrainConfig
     from .training.settings import declared
 
     p.add_argument("--config", help="a .toml or .json file of settings; flags override it")
     p.add_argument("--recipe", help="default (learns) or tutorial (Adam 1e-3, no augmentation)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its state.pt, exactly")
     for f in declared(TrainConfig):
         _add_setting(p, TrainConfig, f)
     group = p.add_argument_group("augmentation (training images only)")
@@ -99,7 +151,11 @@ def _add_setting(parser: argparse._ActionsContainer, config_type: type, f: datac
     if bool in plain:
         parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=text)
         return
-    kind = _batch_size if f.name == "batch_size" else int if int in plain else float if float in plain else str
+    kind = int if int in plain else float if float in plain else str
+    if f.name == "batch_size":
+        kind = _batch_size
+    elif options and kind is not str:
+        kind = _number_or(kind, options)
     parser.add_argument(flag, dest=f.name, type=kind, help=text, metavar=flag[2:].replace("-", "_").upper())
 
 
@@ -430,6 +486,7 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_summary(commands)
     _add_train(commands, train_flags)
+    _add_lr_find(commands, train_flags)
     for add in (_add_predict, _add_evaluate, _add_explain, _add_report, _add_datasets, _add_doctor, _add_import_keras):
         add(commands)
     _add_export(commands)
@@ -467,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = _command(argv)
     debug = "--debug" in (argv[: argv.index(command)] if command is not None else argv)
     try:
-        args = build_parser(train_flags=command == "train").parse_args(argv)
+        args = build_parser(train_flags=command in ("train", "lr-find")).parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
         code = args.run(args)
         sys.stdout.flush()  # a reader that went away shows here, not in the interpreter's exit

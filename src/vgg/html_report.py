@@ -237,6 +237,7 @@ def write_report(
     progress: bool = False,
     batch_size: int = 64,
     classifier: Classifier | None = None,
+    outputs: Outputs | None = None,
 ) -> Path:
     """Evaluate the run's model (on ``data``, else its validation images) and write ``RUN_DIR/report.html``.
 
@@ -244,6 +245,7 @@ def write_report(
         run_dir: a folder written by ``vgg train``.
         data: a labelled folder ``DATA/<class>/<image>``; by default the images split.csv marks ``val``.
         classifier: the model to report on (default: the run's best.safetensors).
+        outputs: its pass over the run's validation images when already made (training's calibration made one).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -259,7 +261,8 @@ def write_report(
         index = {name: i for i, name in enumerate(names)}
         samples = [(path, index[name]) for path, name in read_run_data(run_dir).val if name in index]
         source = f"the run's {len(samples)} validation images"
-    outputs = collect(classifier, samples, batch_size, progress=progress)
+    if outputs is None or data is not None:
+        outputs = collect(classifier, samples, batch_size, progress=progress)
     page = build_report(run_dir, classifier, outputs, source)
     path = run_dir / "report.html"
     atomic_write(path, lambda temp: Path(temp).write_text(page, encoding="utf-8"))

@@ -49,7 +49,11 @@ class TrainConfig:
     epochs: int = setting(30, "maximum number of epochs", low=1, high=1_000_000, resumable=True)
     batch_size: int | Literal["auto"] = setting(64, "images per step, or auto (the largest that fits)", low=1)
     optimizer: Literal["sgd", "adam", "adamw"] = setting("adamw", "the optimizer")
-    lr: float | None = setting(None, "peak learning rate (default: 1e-3 for _bn archs from scratch, else 2e-4)")
+    lr: float | Literal["find"] | None = setting(
+        None,
+        "peak learning rate, or find: run `vgg lr-find` first and use its suggestion "
+        "(default: 1e-3 for _bn archs from scratch, else 2e-4)",
+    )
     momentum: float = setting(0.9, "SGD momentum", low=0, high=1)
     nesterov: bool = setting(True, "Nesterov momentum for SGD")
     weight_decay: float = setting(0.05, "weight decay (decoupled with AdamW)", low=0)
@@ -63,6 +67,12 @@ class TrainConfig:
     clip_grad_norm: float = setting(0.0, "clip the gradient norm to this value (0: off)", low=0)
     accumulate: int = setting(1, "accumulate gradients over N batches per optimizer step", low=1)
     label_smoothing: float = setting(0.1, "label smoothing of the loss", low=0, high=1)
+    ema: float = setting(
+        0.0,
+        "keep an exponential moving average of the weights with this decay (e.g. 0.99; 0: off), validated every "
+        "epoch and saved as the model when it scores better",
+        low=0,
+    )
     dropout: float = setting(0.5, "dropout in the classifier", low=0, high=1)
     patience: int = setting(20, "stop after this many epochs without improvement (0: never)", low=0, resumable=True)
     monitor: Literal["val_accuracy", "val_loss", "accuracy", "loss"] = setting(
@@ -118,8 +128,10 @@ class TrainConfig:
             )
         self.augment.validate()
         self.lr = self.peak_lr
-        if not self.lr > 0:  # NaN fails this too
-            raise UsageError(f"lr must be positive. Received: lr={self.lr}.")
+        if self.lr != "find" and not self.lr > 0:  # NaN fails this too
+            raise UsageError(f"lr must be positive or 'find'. Received: lr={self.lr}.")
+        if not self.ema < 1:
+            raise UsageError(f"ema must be a decay from 0 (off) up to, not including, 1. Received: ema={self.ema}.")
         if not 0 < self.val_fraction < 1:
             raise UsageError(
                 f"val_fraction must be between 0 and 1 (both excluded). Received: val_fraction={self.val_fraction}."
@@ -130,8 +142,9 @@ class TrainConfig:
         return self
 
     @property
-    def peak_lr(self) -> float:
-        """``lr``, or its default for this architecture and starting point when none was given."""
+    def peak_lr(self) -> float | str:
+        """``lr``, or its default for this architecture and starting point when none was given (``find`` stays
+        ``find`` until the run replaces it by the range test's suggestion)."""
         return self.lr if self.lr is not None else default_lr(self.arch, self.weights)
 
     def _validate_transfer(self) -> None:

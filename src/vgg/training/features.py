@@ -88,6 +88,8 @@ def cache_blocker(config: TrainConfig) -> str | None:
         return "a per-image augmentation policy, MixUp/CutMix, random erasing or --sampler balanced is on"
     if not config.cache_features:
         return "--no-cache-features was given"
+    if config.ema:
+        return "--ema averages the whole model"
     return None
 
 

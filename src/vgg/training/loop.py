@@ -20,6 +20,7 @@ from ..inference import Step, evaluate
 from ..runtime import autocast
 from .augment import AugmentConfig, augment_batch, batch_mixer
 from .config import TrainConfig, monitor_mode
+from .ema import WeightAverage
 from .schedules import Schedule, make_schedule
 from .state import rng_states, set_rng_states
 from .transfer import lr_groups, unfreeze_if_due
@@ -259,6 +260,7 @@ class Optimisation:
         self.result = FitResult()
         self.epoch, self.global_step = 0, 0
         self.best_weights: dict[str, torch.Tensor] | None = None
+        self.ema = WeightAverage(model, config.ema) if config.ema else None
 
     def state_dict(self, batches: Sized, in_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
@@ -271,6 +273,7 @@ class Optimisation:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "stopper": {"best": self.stopper.best, "epoch": self.stopper.best_epoch, "bad": self.stopper.bad_epochs},
             "history": self.result.history,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "batches": batches.state_dict() if hasattr(batches, "state_dict") else None,
             "rng": gather(rng_states(self.device)),
         }
@@ -286,6 +289,8 @@ class Optimisation:
             state["stopper"][k] for k in ("best", "epoch", "bad")
         )
         self.result.history = list(state["history"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.best_weights = state.get("best_model")
         if state["batches"] is not None and hasattr(batches, "load_state_dict"):
@@ -293,8 +298,11 @@ class Optimisation:
         # One entry per process: each continues its own dropout and augmentation stream.
         set_rng_states(state["rng"][rank()] if rank() < len(state["rng"]) else state["rng"][0], self.device)
 
-    def record(self, epoch: int, train: dict[str, float], val: dict, seconds: float) -> bool:
-        """Add an epoch's history row; returns whether the monitored metric improved."""
+    def record(
+        self, epoch: int, train: dict[str, float], val: dict, seconds: float, ema_val: dict | None = None
+    ) -> tuple[bool, bool]:
+        """Add an epoch's history row; returns whether the monitored metric improved and whether the weight average
+        (``ema_val``: its validation) is the better model of the epoch."""
         row = {
             "epoch": epoch,
             "loss": train["loss"],
@@ -305,13 +313,21 @@ class Optimisation:
             "images_per_s": train["images_per_s"],
             "seconds": seconds,
         }
+        value, use_ema = row[self.config.monitor], False
+        if ema_val is not None:
+            row["ema_val_loss"], row["ema_val_accuracy"] = ema_val["loss"], ema_val["accuracy"]
+            if self.config.monitor.startswith("val_"):
+                averaged = row["ema_" + self.config.monitor]
+                use_ema = averaged > value if self.stopper.mode == "max" else averaged < value
+                value = averaged if use_ema else value
         self.result.history.append(row)
         self.epoch = epoch
-        improved = self.stopper.update(row[self.config.monitor], epoch)
-        self.schedule.epoch_end(row[self.config.monitor])
+        improved = self.stopper.update(value, epoch)
+        self.schedule.epoch_end(value)
         if improved and self.config.restore_best:
-            self.best_weights = {name: t.detach().to("cpu", copy=True) for name, t in self.model.state_dict().items()}
-        return improved
+            chosen = self.ema.model if use_ema else self.model
+            self.best_weights = {name: t.detach().to("cpu", copy=True) for name, t in chosen.state_dict().items()}
+        return improved, use_ema
 
 
 def fit(
@@ -321,7 +337,7 @@ def fit(
     config: TrainConfig,
     step: Step,
     num_classes: int,
-    on_epoch_end: Callable[[list[dict[str, float]], bool], None] | None = None,
+    on_epoch_end: Callable[[list[dict[str, float]], bool, nn.Module], None] | None = None,
     progress: bool = True,
     state: dict[str, Any] | None = None,
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
@@ -330,10 +346,11 @@ def fit(
 ) -> FitResult:
     """Train for ``config.epochs`` epochs, evaluating after each.
 
-    ``on_epoch_end(history, improved)`` receives the history so far (the epoch's row last) and whether the monitored
-    metric improved: where the caller saves models and curves. ``on_checkpoint(state)`` receives the full
-    training state after every epoch and every ``config.save_every_steps`` optimizer steps; passing such a
-    ``state`` back in continues the run exactly where it was taken. ``model`` may be wrapped in
+    ``on_epoch_end(history, improved, model)`` receives the history so far (the epoch's row last), whether the
+    monitored metric improved and the model of the epoch (the unwrapped model, or with ``config.ema`` its weight
+    average when that validated better): where the caller saves models and curves. ``on_checkpoint(state)``
+    receives the full training state after every epoch and every ``config.save_every_steps`` optimizer steps;
+    passing such a ``state`` back in continues the run exactly where it was taken. ``model`` may be wrapped in
     DistributedDataParallel; ``train_batches`` is ``Batches`` or anything with the same ``state_dict`` protocol.
     """
     raw = model.module if isinstance(model, DistributedDataParallel) else model
@@ -353,6 +370,8 @@ def fit(
 
         def on_step(totals: Totals, done: int) -> None:
             run.global_step += 1
+            if run.ema is not None:
+                run.ema.update(raw)
             every = config.save_every_steps
             if on_checkpoint is not None and every and run.global_step % every == 0 and done < len(train_batches):
                 on_checkpoint(run.state_dict(train_batches, {"totals": totals.state_dict()}))
@@ -367,9 +386,10 @@ def fit(
         )  # fmt: skip
         resumed, start = None, 0
         val = evaluate(raw, val_batches, step, num_classes, progress)
-        improved = run.record(epoch, train, val, time.perf_counter() - started)
+        ema_val = evaluate(run.ema.model, val_batches, step, num_classes) if run.ema is not None else None
+        improved, use_ema = run.record(epoch, train, val, time.perf_counter() - started, ema_val)
         if on_epoch_end is not None:
-            on_epoch_end(run.result.history, improved)
+            on_epoch_end(run.result.history, improved, run.ema.model if use_ema else raw)
         if on_checkpoint is not None:
             on_checkpoint(run.state_dict(train_batches))
         run.result.stopped_early = run.stopper.should_stop

@@ -206,7 +206,9 @@ def _calibrate_and_report(
     calibration = calibrate_model_file(best, [(s.path, s.label) for s in data.val], str(device), progress=progress)
     if calibration is not None:
         log(calibration.line())
-    log(f"report: {write_report(run_dir, device=str(device), progress=progress)}")
+    # The report evaluates the same validation images: it reuses the calibration pass's outputs.
+    outputs = calibration.outputs if calibration is not None else None
+    log(f"report: {write_report(run_dir, device=str(device), progress=progress, outputs=outputs)}")
 
 
 def _data_line(

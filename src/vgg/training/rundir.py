@@ -239,7 +239,8 @@ class RunDir:
         self.log(
             f"epoch {int(row['epoch'])}/{self.config.epochs}: loss {row['loss']:.4f} accuracy {row['accuracy']:.4f} "
             f"val_loss {row['val_loss']:.4f} val_accuracy {row['val_accuracy']:.4f} "
-            f"({row['images_per_s']:.1f} img/s, {row['seconds']:.0f} s)"
+            + (f"ema_val_accuracy {row['ema_val_accuracy']:.4f} " if "ema_val_accuracy" in row else "")
+            + f"({row['images_per_s']:.1f} img/s, {row['seconds']:.0f} s)"
             + (f"  * best {self.config.monitor}, saved {self.best}" if improved else "")
         )
 
