@@ -30,6 +30,7 @@ from .autobatch import find_batch_size
 from .config import TrainConfig
 from .features import cached_fit_inputs
 from .loop import FitResult, fit
+from .lr_find import RangeTest, describe, sweep_model
 from .rundir import RunDir, own_folder
 from .state import SavedRun, check_resume, check_split, load_state, read_run, split_digest
 from .transfer import prepare
@@ -144,6 +145,9 @@ def _train(
     train_batches, val_batches = make_batches(config, data, device, world, progress)
 
     model = model.to(device, memory_format=layout)
+    if config.lr == "find":
+        step = Step(device, precision, preprocessing.mean, preprocessing.std, memory_format=layout)
+        config = _find_lr(model, train_batches, step, config, world, log, progress)
     if config.compile:
         # In place: the parameter names (and so the model files and training state) stay those of the module.
         model.compile()
@@ -176,7 +180,9 @@ def _train(
     )
     result = fit(
         trained, fit_train, fit_val, config, fit_step, len(data.classes),
-        on_epoch_end=lambda history, improved: run_dir.epoch_end(history, improved, model, info),
+        on_epoch_end=lambda history, improved, chosen: run_dir.epoch_end(
+            history, improved, model if chosen is trained else chosen, info
+        ),
         progress=progress, state=state, on_checkpoint=run_dir.save_state, class_weights=weights, log=log,
     )  # fmt: skip
     run_dir.close()
@@ -195,6 +201,60 @@ def _train(
     if world.main:
         _calibrate_and_report(run_dir.path, Path(run_dir.best), data, device, log, progress)
     return TrainResult(run_dir.path, run_dir.best, run_dir.last, data.classes, result, skipped, model)
+
+
+def _find_lr(
+    model: nn.Module, batches: Batches, step: Step, config: TrainConfig, world: World, log: Callable[[str], None],
+    progress: bool,
+) -> TrainConfig:  # fmt: skip
+    """``config`` with ``lr="find"`` replaced by the range test's suggestion (written to config.json as a number)."""
+    if world.distributed:
+        raise UsageError("--lr find runs on one process: run `vgg lr-find` first, then torchrun ... --lr RATE.")
+    result = sweep_model(model, batches, step, config, progress=progress)
+    log(describe(result))
+    if result.suggestion is None:
+        raise UsageError(
+            "--lr find found no rate at which the loss falls (the range test's curve is in `vgg lr-find` ... --plot): "
+            "pass --lr RATE."
+        )
+    return dataclasses.replace(config, lr=result.suggestion)
+
+
+def lr_find(
+    config: TrainConfig,
+    start: float = 1e-7,
+    end: float = 1.0,
+    steps: int = 200,
+    log: Callable[[str], None] = print,
+    progress: bool = False,
+) -> RangeTest:
+    """The learning-rate range test for the run ``config`` describes: same data, model, optimizer and augmentation.
+
+    Nothing is written to the run folder; the caller prints and plots the result (``lr_find.describe``, ``plot``).
+    """
+    config.validate()
+    if not config.data:
+        raise UsageError("No dataset folder: expected DATA/<class>/<image> (vgg lr-find DATA).")
+    if not 0 < start < end:
+        raise UsageError(f"The sweep must rise: expected 0 < start < end. Received: start={start}, end={end}.")
+    if steps < 10:
+        raise UsageError(f"steps must be 10 or more for a readable curve. Received: steps={steps}.")
+    device = pick_device(config.device)
+    precision = pick_precision(config.precision, device)
+    torch.manual_seed(config.seed)
+    data = read_data(config, None, log)
+    model = build(config.arch, num_classes=len(data.classes), image_size=config.image_size, dropout=config.dropout)
+    preprocessing = prepare(model, config, data.classes, log)
+    layout = training_memory_format(device, precision, config.image_size)
+    if config.batch_size == "auto":
+        size = find_batch_size(model, config.image_size, device, precision, len(data.train), layout)
+        config = dataclasses.replace(config, batch_size=size)
+    world = World()
+    train_batches, _ = make_batches(config, data, device, world, progress)
+    model = model.to(device, memory_format=layout)
+    step = Step(device, precision, preprocessing.mean, preprocessing.std, memory_format=layout)
+    log(f"range test: {config.arch}, {len(data.train)} training images, batch {config.batch_size}, {config.optimizer}")
+    return sweep_model(model, train_batches, step, config, start, end, steps, progress)
 
 
 def _calibrate_and_report(
