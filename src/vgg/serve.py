@@ -190,6 +190,73 @@ def _error(kind: str, message: str) -> JSONResponse:
     return JSONResponse({"error": kind, "message": message}, status_code=STATUS[kind])
 
 
+def describe(config: ServeConfig, backend: Backend) -> dict[str, Any]:
+    """What ``GET /model`` answers: the model, how images are prepared for it, how it is served, versions."""
+    info = backend.info
+    return {
+        "arch": info.arch,
+        "classes": info.class_names,
+        "input_size": info.image_size,
+        "preprocessing": {
+            "resize": info.resize,
+            "interpolation": info.interpolation,
+            "mean": info.mean,
+            "std": info.std,
+            **{key: info.extra[key] for key in ("resize_size",) if key in info.extra},
+        },
+        "temperature": info.temperature,
+        "backend": backend.name,
+        **backend.details,
+        "explain": not str(config.model).endswith(".onnx"),
+        "max_batch": config.max_batch,
+        "max_wait_ms": config.max_wait_ms,
+        "limits": {
+            "max_body_bytes": config.max_body_bytes,
+            "max_files": config.max_files,
+            "max_pixels": config.limits.max_pixels,
+            "max_frames": config.limits.max_frames,
+        },
+        "versions": _versions(),
+    }
+
+
+async def receive_images(
+    request: Request, config: ServeConfig, pool: DecoderPool
+) -> tuple[list[str], list[np.ndarray]]:
+    """The request's images, decoded for the model, or the ApiError that says why not."""
+    length = request.headers.get("content-length")
+    # Far too large by its own account: answered at once (smaller excess is read and dropped by BodyLimit).
+    if length and length.isdigit() and int(length) > DRAIN_FACTOR * config.max_body_bytes:
+        raise ApiError("body_too_large", f"body of {int(length):,} bytes, the limit is {config.max_body_bytes:,}")
+    too_large = ApiError("body_too_large", f"body over {config.max_body_bytes:,} bytes")
+    try:
+        names, blobs = await _read_images(request, config.max_files)
+    except ApiError:
+        if body_too_large(request.scope):  # what a cut-short body looked like is beside the point
+            raise too_large from None
+        raise
+    if body_too_large(request.scope):
+        raise too_large
+    images = await asyncio.gather(*(_decode(pool, name, blob) for name, blob in zip(names, blobs, strict=True)))
+    return names, list(images)
+
+
+def grad_cam_png(
+    state: dict[str, Any], config: ServeConfig, image: np.ndarray, class_name: str | None
+) -> tuple[bytes, str]:
+    """One image's Grad-CAM overlay (``vgg.explain``) as PNG bytes, and the class it shows; runs in a thread."""
+    # The Grad-CAM model loads on first use: a second copy of the weights, in PyTorch (it needs gradients).
+    if "explainer" not in state:
+        state["explainer"] = load(config.model, device=config.device, precision="fp32")
+    try:
+        (result,) = explain(state["explainer"], [torch.from_numpy(image)], class_name=class_name)
+    except UsageError as error:
+        raise ApiError("bad_request", str(error)) from None
+    out = io.BytesIO()
+    result.overlay().save(out, format="PNG")
+    return out.getvalue(), result.class_name
+
+
 def create_app(config: ServeConfig) -> FastAPI:
     """The application; model, decoder processes and batcher start with it (FastAPI lifespan)."""
     token = config.token or os.environ.get(TOKEN_ENV) or None
@@ -265,63 +332,18 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.get("/model")
     async def model() -> dict:
-        backend: Backend = state["backend"]
-        info = backend.info
-        return {
-            "arch": info.arch,
-            "classes": info.class_names,
-            "input_size": info.image_size,
-            "preprocessing": {
-                "resize": info.resize,
-                "interpolation": info.interpolation,
-                "mean": info.mean,
-                "std": info.std,
-                **{key: info.extra[key] for key in ("resize_size",) if key in info.extra},
-            },
-            "temperature": info.temperature,
-            "backend": backend.name,
-            **backend.details,
-            "explain": not str(config.model).endswith(".onnx"),
-            "max_batch": config.max_batch,
-            "max_wait_ms": config.max_wait_ms,
-            "limits": {
-                "max_body_bytes": config.max_body_bytes,
-                "max_files": config.max_files,
-                "max_pixels": config.limits.max_pixels,
-                "max_frames": config.limits.max_frames,
-            },
-            "versions": _versions(),
-        }
+        return describe(config, state["backend"])
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> str:
         return metrics.render()
-
-    async def receive(request: Request) -> tuple[list[str], list[np.ndarray]]:
-        """The request's images, decoded for the model, or the ApiError that says why not."""
-        length = request.headers.get("content-length")
-        # Far too large by its own account: answered at once (smaller excess is read and dropped by BodyLimit).
-        if length and length.isdigit() and int(length) > DRAIN_FACTOR * config.max_body_bytes:
-            raise ApiError("body_too_large", f"body of {int(length):,} bytes, the limit is {config.max_body_bytes:,}")
-        too_large = ApiError("body_too_large", f"body over {config.max_body_bytes:,} bytes")
-        try:
-            names, blobs = await _read_images(request, config.max_files)
-        except ApiError:
-            if body_too_large(request.scope):  # what a cut-short body looked like is beside the point
-                raise too_large from None
-            raise
-        if body_too_large(request.scope):
-            raise too_large
-        pool: DecoderPool = state["pool"]
-        images = await asyncio.gather(*(_decode(pool, name, blob) for name, blob in zip(names, blobs, strict=True)))
-        return names, list(images)
 
     @app.post("/predict")
     async def predict(request: Request, top_k: int | None = None) -> dict:
         k = config.top_k if top_k is None else top_k
         if not 1 <= k <= 1000:
             raise ApiError("bad_request", f"top_k must be between 1 and 1000. Received: top_k={top_k}.")
-        names, images = await receive(request)
+        names, images = await receive_images(request, config, state["pool"])
         batcher: MicroBatcher = state["batcher"]
         try:
             rows = await asyncio.gather(*(batcher.predict(image) for image in images))
@@ -334,24 +356,14 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def explain_route(request: Request, class_name: str | None = Query(None, alias="class")) -> Response:
         if str(config.model).endswith(".onnx"):
             raise ApiError("bad_request", "Grad-CAM needs the model's weights: serve the .safetensors file, not ONNX")
-        names, images = await receive(request)
+        names, images = await receive_images(request, config, state["pool"])
         if len(images) != 1:
             raise ApiError("bad_request", f"/explain takes one image. Received: {len(images)}.")
         loop = asyncio.get_running_loop()
-        png, explained = await loop.run_in_executor(state["explain_thread"], grad_cam_png, images[0], class_name)
+        png, explained = await loop.run_in_executor(
+            state["explain_thread"], grad_cam_png, state, config, images[0], class_name
+        )
         return Response(png, media_type="image/png", headers={"X-Class": explained})
-
-    def grad_cam_png(image: np.ndarray, class_name: str | None) -> tuple[bytes, str]:
-        # The Grad-CAM model loads on first use: a second copy of the weights, in PyTorch (it needs gradients).
-        if "explainer" not in state:
-            state["explainer"] = load(config.model, device=config.device, precision="fp32")
-        try:
-            (result,) = explain(state["explainer"], [torch.from_numpy(image)], class_name=class_name)
-        except UsageError as error:
-            raise ApiError("bad_request", str(error)) from None
-        out = io.BytesIO()
-        result.overlay().save(out, format="PNG")
-        return out.getvalue(), result.class_name
 
     return BodyLimit(_with_cors(app, config.cors_origin), config.max_body_bytes)
 
