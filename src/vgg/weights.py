@@ -121,8 +121,8 @@ def read_weights(spec: str, arch: str, progress: bool = False) -> Pretrained:
     path = Path(spec)
     if not path.is_file():
         raise UsageError(
-            f"weights must be 'imagenet' or a .pth/.pt/.safetensors/Keras .h5/.keras file. Received: weights={spec!r}, "
-            "which is not a file."
+            f"weights must be 'imagenet' or a .pth/.pt/.safetensors file. Received: weights={spec!r}, which is not a "
+            "file. (Keras .h5/.keras files work too.)"
         )
     if is_keras_file(path):
         return _keras_pretrained(path, arch)
