@@ -291,6 +291,8 @@ def test_each_bad_input_gets_its_4xx_and_the_server_stays_healthy_and_small(serv
         assert got == status and answer.get("error") in ((kind,) if isinstance(kind, str) else kind), (name, answer)
         assert answer["message"], name
         assert _get(url + "/health") == (200, {"status": "ok"}), f"unhealthy after {name}"
+    status, headers, _ = _request(url + "/predict", b"", {"Content-Type": "image/png"})
+    assert status == 400 and "x-vgg-error" not in {k.lower() for k in headers}  # internal to the server
     got, answer = _post_files(url, [(f"{i}.png", good) for i in range(5)])
     assert (got, answer["error"]) == (413, "too_many_files")
     status, _, body = _request(url + "/predict?top_k=many", good, {"Content-Type": "image/png"})

@@ -67,6 +67,7 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 # "Serving"). PyTorch where onnxruntime is not installed.
 CPU_BACKEND = "onnxruntime"
 TOKEN_ENV = "VGG_SERVE_TOKEN"
+ERROR_HEADER = "x-vgg-error"  # how an error's kind reaches the metrics middleware from the exception handler
 OPEN_PATHS = frozenset({"/health", "/"})  # the page is static; it sends the token with its own requests
 STATUS = {
     "empty": 400,
@@ -302,7 +303,10 @@ def create_app(config: ServeConfig) -> FastAPI:
             response.headers["Retry-After"] = "1"
             return _count(response, path, start, "rate_limited")
         response = await call_next(request)
-        return _count(response, path, start, response.headers.get("x-vgg-error"))
+        kind = response.headers.get(ERROR_HEADER)
+        if kind:
+            del response.headers[ERROR_HEADER]  # for the metrics only: the body says the same to the client
+        return _count(response, path, start, kind)
 
     def _count(response: Any, path: str, start: float, kind: str | None) -> Any:
         if kind:
@@ -314,7 +318,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
         response = _error(error.kind, str(error))
-        response.headers["x-vgg-error"] = error.kind
+        response.headers[ERROR_HEADER] = error.kind
         return response
 
     @app.exception_handler(RequestValidationError)
