@@ -113,7 +113,10 @@ def _free_port() -> int:
 def start_server(model: Path, backend: str, max_batch: int) -> tuple[subprocess.Popen, int]:
     port = _free_port()
     args = ["--port", str(port), "--backend", backend, "--max-batch", str(max_batch), "--rate-limit", "0"]
-    proc = subprocess.Popen([sys.executable, "-m", "vgg", "serve", str(model), *args], stderr=subprocess.DEVNULL)
+    # The onnxruntime backend keeps its ONNX export in VGG_CACHE_DIR: the temp folder, not the user's ~/.cache.
+    env = {**os.environ, "VGG_CACHE_DIR": str(model.parent / "cache")}
+    command = [sys.executable, "-m", "vgg", "serve", str(model), *args]
+    proc = subprocess.Popen(command, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
