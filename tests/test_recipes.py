@@ -136,7 +136,8 @@ def test_early_stopping_min_delta_and_restore_best(two_class_dir: Path):
     # No later epoch can beat epoch 1 by 10 (accuracy is at most 1): patience 1 stops after epoch 2.
     config = TrainConfig(epochs=5, patience=1, min_delta=10.0, restore_best=True, lr=0.05, warmup_epochs=0)
     model, weights = tiny(), []
-    result = fit(model, train, val, config, CPU, 2, lambda row, improved: weights.append(copy.deepcopy(model)), False)
+    keep = lambda history, improved, chosen: weights.append(copy.deepcopy(chosen))  # noqa: E731
+    result = fit(model, train, val, config, CPU, 2, keep, False)
     assert result.stopped_early and len(result.history) == 2 and result.best_epoch == 1
     best, last = weights[0].state_dict(), weights[1].state_dict()
     assert any(not torch.equal(best[k], last[k]) for k in best)
