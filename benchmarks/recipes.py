@@ -36,13 +36,22 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "Recipe search at a small budget (`benchmarks/recipes.py`)"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
-# Named points: `vgg train` flags on top of the defaults. The first ones are the probes of issue 17.
+# Named points: `vgg train` flags on top of the defaults of the code that runs them. The 2026-11-30 search ran the
+# first group on the old defaults (commit c5efbb5: plain VGG16, 4-pixel shifts and flips), where "(defaults)" was
+# that recipe; "shipped" is the new default recipe (VGG16-BN, flips, no shifts) with no flags.
 POINTS: dict[str, str] = {
     "default": "",
     "warmup0.1": "--warmup-epochs 0.1",
     "bn": "--arch vgg16_bn",
     "bn-warmup0.1": "--arch vgg16_bn --warmup-epochs 0.1",
     "bn-sgd-onecycle0.05": "--arch vgg16_bn --optimizer sgd --lr 0.05 --weight-decay 5e-4 --schedule onecycle",
+    "bn-bs32": "--arch vgg16_bn --batch-size 32",
+    "bn-ema0.99": "--arch vgg16_bn --ema 0.99",
+    "bn-noaug": "--arch vgg16_bn --shift 0 --no-hflip",
+    "bn-flip": "--arch vgg16_bn --shift 0",
+    "flip": "--shift 0",
+    "noaug": "--shift 0 --no-hflip",
+    "shipped": "",
 }
 
 
