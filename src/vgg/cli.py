@@ -249,6 +249,9 @@ def _predict(args: argparse.Namespace) -> int:
     if args.json:  # a bad file is an {"image", "error"} entry in its place
         print(json.dumps([p.as_dict() for p in predictions], indent=2))
         return 1 if failed else 0
+    for p in failed:
+        print(f"error: {p.source}: {p.error}", file=sys.stderr)
+    predictions = [p for p in predictions if not p.error]
     if args.csv:
         import csv
 
@@ -260,9 +263,6 @@ def _predict(args: argparse.Namespace) -> int:
             ranked = [value for label, prob in p.top_k for value in (label, f"{prob:.6f}")]
             writer.writerow([p.source, p.label, f"{p.probability:.6f}", *ranked])
         return 1 if failed else 0
-    for p in failed:
-        print(f"error: {p.source}: {p.error}", file=sys.stderr)
-    predictions = [p for p in predictions if not p.error]
     for p in predictions:
         ranked = "  ".join(f"{label} {prob:.3f}" for label, prob in p.top_k)
         # below --threshold: the answer is "unknown", the ranking follows as the reason
@@ -304,7 +304,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(format_evaluation(result, classifier.class_names))
         if written:
             print(f"wrote {', '.join(str(p) for p in written)}")
-    return 0
+        for bad in result["skipped"]:
+            print(f"error: {bad['path']}: {bad['reason']}", file=sys.stderr)
+    return 1 if result["skipped"] else 0
 
 
 def _add_explain(commands: argparse._SubParsersAction) -> None:
@@ -339,9 +341,7 @@ def _explain(args: argparse.Namespace) -> int:
             f"{path}: predicted {explanation.label} {explanation.label_probability:.3f}; Grad-CAM of "
             f"{explanation.class_name} ({explanation.probability:.3f}) -> {target}"
         )
-        for bad in result["skipped"]:
-            print(f"error: {bad['path']}: {bad['reason']}", file=sys.stderr)
-    return 1 if result["skipped"] else 0
+    return 0
 
 
 def _add_report(commands: argparse._SubParsersAction) -> None:

@@ -92,6 +92,8 @@ def train(
     replaced), so a refusal comes before any image is read.
     """
     config.validate()
+    if not config.data:
+        raise UsageError("No dataset folder: expected DATA/<class>/<image> (vgg train DATA, or TrainConfig(data=...)).")
     world, device = setup_distributed(pick_device(config.device))
     if not world.main:
         log, progress = (lambda _: None), False
