@@ -9,13 +9,11 @@ import io
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import time
 import urllib.parse
 import uuid
-import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import _png_claiming, crashing_png
 from PIL import Image
 
 from vgg import cli
@@ -132,31 +131,6 @@ def _png(pixels: np.ndarray) -> bytes:
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format="PNG")
     return out.getvalue()
-
-
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def crashing_png() -> bytes:
-    """A PNG with valid CRCs whose IDAT zlib stream has invalid Huffman code lengths.
-
-    libpng reports "too many length or distance symbols"; torchvision 0.29's ``decode_image`` then segfaults.
-    """
-    header = struct.pack(">IIBBBBB", 32, 32, 8, 2, 0, 0, 0)
-    stream = zlib.compress(b"\x00" + b"\x07" * 96, 9)
-    bad = stream[:2] + b"\x05" + b"\xff" * 40 + stream[-4:]
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", bad) + _chunk(b"IEND", b"")
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _chunk(b"IHDR", header)
-        + _chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + _chunk(b"IEND", b"")
-    )
 
 
 def _gif(frames: int) -> bytes:
