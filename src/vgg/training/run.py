@@ -172,11 +172,7 @@ def _train(
         _log_resume(state, config, run_dir, len(train_batches), log)
 
     step = Step(device, precision, preprocessing.mean, preprocessing.std, memory_format=layout)
-    weights = None
-    if config.class_weight == "auto":
-        labels = torch.arange(len(data.classes)).repeat_interleave(torch.tensor(list(counts.values())))
-        weights = class_weights(labels, len(data.classes))
-        log("class weights: " + ", ".join(f"{n}: {w:.2f}" for n, w in zip(data.classes, weights.tolist(), strict=True)))
+    weights = _class_weights(config, data, counts, log)
     trained, fit_train, fit_val, fit_step = _fit_inputs(
         model, train_batches, val_batches, step, config, world, log, progress
     )
@@ -188,21 +184,41 @@ def _train(
         progress=progress, state=state, on_checkpoint=run_dir.save_state, class_weights=weights, log=log,
     )  # fmt: skip
     run_dir.close()
-
-    if result.stopped_early:
-        log(f"stopped early: no {config.monitor} improvement in {config.patience} epochs")
-    skipped = data.skipped + train_batches.skipped + val_batches.skipped
-    run_dir.write_skipped(skipped)
-    if skipped:
-        log(f"skipped {len(skipped)} unreadable files, listed in {run_dir.path / 'skipped.csv'}")
-    for name, batches in (("training", train_batches), ("validation", val_batches)):
-        if batches.fallbacks.counts:
-            log(f"{name} {batches.fallbacks.summary()}")
-    if result.best_value is not None:
-        log(f"best {config.monitor} {result.best_value:.4f} at epoch {result.best_epoch}; model: {run_dir.best}")
+    skipped = _summarise(config, result, data, (train_batches, val_batches), run_dir, log)
     if world.main:
         _calibrate_and_report(run_dir.path, Path(run_dir.best), data, device, log, progress)
     return TrainResult(run_dir.path, run_dir.best, run_dir.last, data.classes, result, skipped, model)
+
+
+def _class_weights(
+    config: TrainConfig, data: Data, counts: dict[str, int], log: Callable[[str], None]
+) -> torch.Tensor | None:
+    """``--class-weight auto``: loss weights inversely proportional to the usable images per class."""
+    if config.class_weight != "auto":
+        return None
+    labels = torch.arange(len(data.classes)).repeat_interleave(torch.tensor(list(counts.values())))
+    weights = class_weights(labels, len(data.classes))
+    log("class weights: " + ", ".join(f"{n}: {w:.2f}" for n, w in zip(data.classes, weights.tolist(), strict=True)))
+    return weights
+
+
+def _summarise(
+    config: TrainConfig, result: FitResult, data: Data, batches: tuple[Batches, Batches], run_dir: RunDir,
+    log: Callable[[str], None],
+) -> list[tuple[str, str]]:  # fmt: skip
+    """The end of a run in the log (early stop, skipped files, decoder fallbacks, best epoch); returns the skipped."""
+    if result.stopped_early:
+        log(f"stopped early: no {config.monitor} improvement in {config.patience} epochs")
+    skipped = data.skipped + batches[0].skipped + batches[1].skipped
+    run_dir.write_skipped(skipped)
+    if skipped:
+        log(f"skipped {len(skipped)} unreadable files, listed in {run_dir.path / 'skipped.csv'}")
+    for name, part in zip(("training", "validation"), batches, strict=True):
+        if part.fallbacks.counts:
+            log(f"{name} {part.fallbacks.summary()}")
+    if result.best_value is not None:
+        log(f"best {config.monitor} {result.best_value:.4f} at epoch {result.best_epoch}; model: {run_dir.best}")
+    return skipped
 
 
 def _find_lr(
