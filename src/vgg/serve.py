@@ -285,7 +285,15 @@ def create_app(config: ServeConfig) -> FastAPI:
             state["explain_thread"].shutdown(wait=False)
 
     app = FastAPI(title="vgg", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
-    page = importlib.resources.files("vgg").joinpath("web/index.html").read_text()
+    _add_guard(app, config, metrics, token, limiter)
+    _add_routes(app, config, state, metrics)
+    return BodyLimit(_with_cors(app, config.cors_origin), config.max_body_bytes)
+
+
+def _add_guard(
+    app: FastAPI, config: ServeConfig, metrics: Metrics, token: str | None, limiter: RateLimiter | None
+) -> None:
+    """Token and rate limit on every route but the open ones, error bodies, and request metrics."""
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable) -> Any:
@@ -325,6 +333,11 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
         where = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in error.errors())
         return await api_error(request, ApiError("bad_request", f"invalid request ({where})"))
+
+
+def _add_routes(app: FastAPI, config: ServeConfig, state: dict[str, Any], metrics: Metrics) -> None:
+    """The page, /health, /model, /metrics, /predict and /explain."""
+    page = importlib.resources.files("vgg").joinpath("web/index.html").read_text()
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> str:
@@ -368,8 +381,6 @@ def create_app(config: ServeConfig) -> FastAPI:
             state["explain_thread"], grad_cam_png, state, config, images[0], class_name
         )
         return Response(png, media_type="image/png", headers={"X-Class": explained})
-
-    return BodyLimit(_with_cors(app, config.cors_origin), config.max_body_bytes)
 
 
 def _with_cors(app: FastAPI, origin: str | None) -> FastAPI:
