@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +149,41 @@ def crashing_png() -> bytes:
     idat = stream[:2] + b"\x05" + b"\xff" * 40 + stream[-4:]
     header = struct.pack(">IIBBBBB", 32, 32, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+class Interrupted(Exception):
+    """Stops ``fit`` at a chosen checkpoint, as a kill would."""
+
+
+def fit_with_checkpoints(
+    make_model: Callable[[], torch.nn.Module],
+    samples: list,
+    config,
+    step,
+    state: dict | None = None,
+    stop_at: int | None = None,
+    cache: str = "auto",
+) -> tuple[object | None, list[dict], torch.nn.Module]:
+    """``fit`` on ``samples`` keeping every checkpoint as ``load_state`` would read it back; ``stop_at`` interrupts
+    the run at that checkpoint. Returns (fit's result, or None when interrupted; the checkpoints; the model)."""
+    from vgg.batches import Batches
+    from vgg.training.loop import fit
+
+    torch.manual_seed(0)
+    model = make_model()
+    batches = Batches(samples, 16, 4, shuffle=True, seed=1, workers=0, cache=cache, drop_last=True)
+    val = Batches(samples[::3], 16, 8, shuffle=False, workers=0, cache=cache)
+    saved: list[dict] = []
+
+    def keep(s: dict) -> None:
+        buffer = io.BytesIO()  # what save_state writes, read back as load_state reads it
+        torch.save(s, buffer)
+        saved.append(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+        if stop_at is not None and len(saved) == stop_at:
+            raise Interrupted
+
+    try:
+        result = fit(model, batches, val, config, step, 2, progress=False, state=state, on_checkpoint=keep)
+    except Interrupted:
+        return None, saved, model
+    return result, saved, model

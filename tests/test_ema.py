@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import copy
-import io
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fit_with_checkpoints
 from safetensors.torch import load_file
 from torch import nn
 
-from vgg.batches import Batches
 from vgg.cli import main
 from vgg.inference import Step
 from vgg.scan import scan_folder
 from vgg.training.config import TrainConfig
 from vgg.training.ema import WeightAverage
-from vgg.training.loop import fit
 from vgg.training.state import load_state
 
 
@@ -101,34 +99,13 @@ class Tiny(nn.Module):
         return self.head(self.body(x))
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_ema_survives_resume_bit_identically(two_class_dir: Path):
     samples = scan_folder(two_class_dir).samples
     config = TrainConfig(epochs=3, batch_size=4, lr=0.05, save_every_steps=2, warmup_epochs=0.5, ema=0.9)
     step = Step(torch.device("cpu"), "fp32", (0.5,) * 3, (0.25,) * 3, memory_format=torch.contiguous_format)
 
     def run(state=None, stop_at: int | None = None):
-        torch.manual_seed(0)
-        model = Tiny()
-        batches = Batches(samples, 16, 4, shuffle=True, seed=1, workers=0, drop_last=True)
-        val = Batches(samples[::3], 16, 8, shuffle=False, workers=0)
-        saved: list[dict] = []
-
-        def keep(s: dict) -> None:
-            buffer = io.BytesIO()  # what save_state writes, read back as load_state reads it
-            torch.save(s, buffer)
-            saved.append(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
-            if stop_at is not None and len(saved) == stop_at:
-                raise Interrupted
-
-        try:
-            fit(model, batches, val, config, step, 2, progress=False, state=state, on_checkpoint=keep)
-        except Interrupted:
-            pass
-        return saved
+        return fit_with_checkpoints(Tiny, samples, config, step, state, stop_at)[1]
 
     whole = run()
     final = whole[-1]["ema"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import io
 import os
 import re
 import shutil
@@ -16,17 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import COLOURS, small_run, write_images
+from conftest import COLOURS, fit_with_checkpoints, small_run, write_images
 from safetensors.torch import load_file
 from torch import nn
 
-from vgg.batches import Batches
 from vgg.cli import main
 from vgg.errors import UsageError
 from vgg.inference import Step
 from vgg.scan import scan_folder
 from vgg.training.config import TrainConfig
-from vgg.training.loop import fit
 from vgg.training.state import STATE_FILE, load_state, resume_config
 
 TINY = ["--arch", "vgg11", "--image-size", "32", "--batch-size", "4", "--workers", "0", "--device", "cpu"]
@@ -92,10 +89,6 @@ class Tiny(nn.Module):
         return self.head(self.body(x))
 
 
-class Interrupted(Exception):
-    pass
-
-
 @pytest.mark.parametrize(("schedule", "cache"), [("cosine", "ram"), ("plateau", "none"), ("onecycle", "ram")])
 def test_resume_from_any_checkpoint_replays_the_same_run(two_class_dir: Path, schedule: str, cache: str):
     samples = scan_folder(two_class_dir).samples
@@ -107,24 +100,7 @@ def test_resume_from_any_checkpoint_replays_the_same_run(two_class_dir: Path, sc
     step = Step(torch.device("cpu"), "fp32", (0.5,) * 3, (0.25,) * 3, memory_format=torch.contiguous_format)
 
     def run(state=None, stop_at: int | None = None):
-        torch.manual_seed(0)
-        model = Tiny()
-        batches = Batches(samples, 16, 4, shuffle=True, seed=1, workers=0, cache=cache, drop_last=True)
-        val = Batches(samples[::3], 16, 8, shuffle=False, workers=0, cache=cache)
-        saved: list[dict] = []
-
-        def keep(s: dict) -> None:
-            buffer = io.BytesIO()  # what save_state writes, read back as load_state reads it
-            torch.save(s, buffer)
-            saved.append(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
-            if stop_at is not None and len(saved) == stop_at:
-                raise Interrupted
-
-        try:
-            result = fit(model, batches, val, config, step, 2, progress=False, state=state, on_checkpoint=keep)
-        except Interrupted:
-            return None, saved, model
-        return result, saved, model
+        return fit_with_checkpoints(Tiny, samples, config, step, state, stop_at, cache)
 
     whole, states, model = run()
     assert len(states) > 3 and any(s["in_epoch"] for s in states) and any(not s["in_epoch"] for s in states)
