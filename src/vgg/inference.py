@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from .checkpoint import ModelInfo
 from .distributed import all_reduce_sum
+from .metrics import confusion_matrix
 from .runtime import autocast
 
 
@@ -115,9 +116,7 @@ def evaluate(
         labels = labels.to(step.device)
         logits = step.log_probabilities(model, images)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-        confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2).view(
-            num_classes, num_classes
-        )
+        confusion += confusion_matrix(labels, logits.argmax(1), num_classes)
         if num_classes >= 5:
             top5 += (logits.topk(5, dim=1).indices == labels[:, None]).any(1).sum()
     bar.close()

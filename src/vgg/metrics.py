@@ -22,9 +22,12 @@ ECE_BINS = 15  # Guo et al., "On Calibration of Modern Neural Networks" (2017), 
 
 
 def confusion_matrix(targets: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Counts of (true class, predicted class) pairs: a ``num_classes x num_classes`` int64 matrix."""
-    targets = targets.long().flatten().cpu()
-    predictions = predictions.long().flatten().cpu()
+    """Counts of (true class, predicted class) pairs: a ``num_classes x num_classes`` int64 matrix.
+
+    It stays on ``targets``' device, so a validation loop can sum it without waiting for the GPU every batch.
+    """
+    targets = targets.long().flatten()
+    predictions = predictions.long().flatten().to(targets.device)
     pairs = targets * num_classes + predictions
     return torch.bincount(pairs, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
