@@ -1,12 +1,13 @@
 """Headless Debian chromium for tests that drive a page as a user would (selenium + chromium-driver).
 
-``make test`` installs the Debian packages ``chromium`` and ``chromium-driver`` when they are missing; tests skip
-with a reason where they are absent.
+``make test`` installs the Debian packages ``chromium`` and ``chromium-driver`` when they are missing; a test that
+needs them fails, naming the package, where they are absent (a skip would hide a missing install step).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +19,11 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 
 
 def require_chromium() -> None:
-    """Skip the calling test unless selenium, chromium and chromedriver are all present."""
-    pytest.importorskip("selenium")
+    """Fail the calling test, naming what to install, unless selenium, chromium and chromedriver are all present."""
+    importlib.import_module("selenium")
     for path in (CHROMIUM, CHROMEDRIVER):
         if not Path(path).exists() and not shutil.which(Path(path).name):
-            pytest.skip(f"{path} not installed (apt-get install chromium chromium-driver)")
+            pytest.fail(f"{path} not installed (apt-get install chromium chromium-driver; make test does it)")
 
 
 @contextlib.contextmanager

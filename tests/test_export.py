@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import warnings
 from pathlib import Path
@@ -16,8 +17,8 @@ from vgg.errors import UsageError
 from vgg.models import build
 from vgg.predict import load
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+onnx = importlib.import_module("onnx")
+ort = importlib.import_module("onnxruntime")
 
 from vgg.export import export, info_from_metadata, read_onnx_metadata  # noqa: E402
 

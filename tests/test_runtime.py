@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def test_auto_picks_bf16_only_on_cpus_with_native_bf16(monkeypatch):
 
 
 def test_deterministic_tensorboard_run(tmp_path: Path, capsys, monkeypatch):
-    pytest.importorskip("tensorboard")
+    importlib.import_module("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     seen = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import importlib
 import io
 import json
 import os
@@ -30,8 +31,8 @@ from vgg.decode_pool import DecoderCrashed, DecoderPool, Limits, decode_for_mode
 from vgg.models import build
 from vgg.runtime import pick_precision
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+importlib.import_module("fastapi")
+importlib.import_module("uvicorn")
 
 CLASSES = ["cat", "dog", "fox"]
 TOKEN = "s3cret-token"
