@@ -159,6 +159,10 @@ def _train(
     log(format_summary(config.arch, len(data.classes), config.image_size, config.freeze))
     counts = usable_counts(data, train_batches, config)
     log(_data_line(config, data, counts, train_batches, device, precision, world))
+    log(
+        f"optimizer: {config.optimizer}, peak lr {config.peak_lr:g}, {config.warmup:g}-epoch warm-up, "
+        f"{config.schedule} schedule, {config.epochs} epochs"
+    )
     facts = {"device": str(device), "precision": precision, "world_size": world.world_size}
     run_dir.start(
         config, data.classes, data.train, data.val, data.skipped + train_batches.skipped + val_batches.skipped, facts

@@ -26,7 +26,7 @@ class Schedule:
 
     def __init__(self, optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> None:
         total = max(1, config.epochs * steps_per_epoch)
-        self.warmup = min(total - 1, round(config.warmup_epochs * steps_per_epoch))
+        self.warmup = min(total - 1, round(config.warmup * steps_per_epoch))
         self.kind = config.schedule
         self.plateau: ReduceLROnPlateau | None = None
         if self.kind == "onecycle" and total >= 2:
