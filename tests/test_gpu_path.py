@@ -217,11 +217,13 @@ def test_optimizer_state_resumes_in_the_parameters_layout(saved, resumed):
     _train_step(before, saved, 2)
     _train_step(after, resumed, 2)
     lr = after.optimizer.param_groups[0]["lr"]
-    for old, new in zip(before.model.parameters(), after.model.parameters(), strict=True):
-        assert int(after.optimizer.state[new]["step"]) == 2
-        # The layouts' kernels round differently (Adam's normalised step magnifies that where gradients are tiny):
-        # the same step to within a quarter of its size.
-        torch.testing.assert_close(old, new, rtol=0, atol=0.25 * lr)
+    assert all(int(after.optimizer.state[p]["step"]) == 2 for p in after.model.parameters())
+    # The layouts' kernels round differently, and Adam's normalised step magnifies that where a gradient is tiny:
+    # one weight in thousands may take a rather different step (measured up to 1.6 lr). So the check is on the
+    # mean distance: after a resume that kept the moments it was 7e-5 lr, after one that lost them 0.2 lr.
+    pairs = zip(before.model.parameters(), after.model.parameters(), strict=True)
+    drift = [(old - new).abs().flatten() for old, new in pairs]
+    assert torch.cat(drift).mean() < 1e-3 * lr
 
 
 def _saved(state: dict) -> object:
