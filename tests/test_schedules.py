@@ -48,12 +48,15 @@ def test_cli_trains_one_cycle_without_warm_up(two_class_dir, tmp_path):
     assert code == 0 and (tmp_path / "run" / "best.safetensors").is_file()
 
 
-@pytest.mark.parametrize(("epochs", "expected"), [(1, 0.2), (2, 0.4), (5, 1.0), (15, 3.0), (25, 5.0), (90, 5.0)])
+@pytest.mark.parametrize(
+    ("epochs", "expected"), [(1, 0.5), (2, 1.0), (5, 1.0), (10, 2.0), (15, 3.0), (25, 5.0), (90, 5.0)]
+)
 def test_warm_up_length_scales_with_the_run(epochs: int, expected: float):
     steps_per_epoch = 10
     lr = rates(TrainConfig(lr=0.1, epochs=epochs), steps_per_epoch)
     peak = lr.index(max(lr))
-    # The rate rises for a fifth of the run (at most five epochs), is at its peak right after, then decays.
+    # The rate rises for a fifth of the run (at least one epoch, half of a one-epoch run, at most five epochs), is at
+    # its peak right after, then decays.
     assert peak == round(expected * steps_per_epoch)
     assert lr[peak] == pytest.approx(0.1)
     assert all(a < b for a, b in zip(lr[:peak], lr[1 : peak + 1], strict=True))
