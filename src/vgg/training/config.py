@@ -65,7 +65,9 @@ class TrainConfig:
         "cosine", "learning-rate schedule, all after the warm-up"
     )
     warmup_epochs: float | Literal["auto"] = setting(
-        "auto", "linear warm-up length in epochs, or auto: a fifth of the run, at least 1 and at most 5 epochs", low=0
+        "auto",
+        "linear warm-up length in epochs, or auto: a fifth of the run, at least 1 (half of a 1-epoch run), at most 5",
+        low=0,
     )
     step_size: int = setting(10, "step schedule: decay the rate by --gamma every N epochs", low=1)
     gamma: float = setting(0.1, "step and plateau schedules: rate decay factor, between 0 and 1")
