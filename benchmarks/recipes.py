@@ -54,6 +54,8 @@ POINTS: dict[str, str] = {
     "shipped": "",
     # Ran as the defaults of commit 1a9f1a2, whose automatic warm-up was a fifth of the run (0.4 of 2 epochs).
     "warmup0.4": "--warmup-epochs 0.4",
+    # Random erasing in the batch augmentation (issue 17, third session).
+    "erasing0.25": "--erasing 0.25",
 }
 
 

@@ -76,11 +76,25 @@ def test_policies_change_uint8_images_one_by_one(policy: str):
     assert image_transform(AugmentConfig(policy="basic")) is None
 
 
-def test_random_erasing_blacks_out_a_rectangle():
-    transform = image_transform(AugmentConfig(erasing=1.0))
-    image = torch.full((3, 16, 16), 200, dtype=torch.uint8)
-    out = transform(image)
-    assert (out == 0).any() and (out == 200).any()
+def test_random_erasing_blacks_out_one_rectangle_per_chosen_image():
+    images = torch.rand(400, 3, 32, 32) * 0.5 + 0.5  # nothing is 0 before erasing
+    generator = torch.Generator().manual_seed(3)
+    out = augment_batch(images, AugmentConfig(hflip=False, erasing=0.5), generator)
+    zero = (out == 0).all(1)  # every channel of an erased pixel
+    assert torch.equal(out[~zero.unsqueeze(1).expand_as(out)], images[~zero.unsqueeze(1).expand_as(out)])
+    erased = zero.flatten(1).any(1)
+    assert 160 < erased.sum() < 240  # about half of 400
+    for mask in zero[erased]:
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        height, width = len(rows), len(cols)
+        assert rows[-1] - rows[0] + 1 == height and cols[-1] - cols[0] + 1 == width  # one solid rectangle
+        assert mask.sum() == height * width
+        assert 0.02 * 1024 * 0.5 <= height * width <= 0.33 * 1024 * 1.5
+    # The same generator state erases the same rectangles (a resumed run repeats its augmentation).
+    again = augment_batch(images, AugmentConfig(hflip=False, erasing=0.5), torch.Generator().manual_seed(3))
+    assert torch.equal(again, out)
+    assert augment_batch(images, AugmentConfig(hflip=False, erasing=1.0)).eq(0).all(1).flatten(1).any(1).all()
+    assert image_transform(AugmentConfig(erasing=1.0)) is None  # no per-image step: the loaders keep their fast paths
 
 
 def test_mixup_and_cutmix_give_soft_targets_the_loss_accepts():
@@ -102,6 +116,7 @@ def test_feature_cache_is_refused_when_presets_change_images_every_epoch():
 
     still = {"shift": 0.0, "hflip": False}
     assert cache_blocker(resolve(freeze="features", augment=still)) is None
-    for changes in ({"policy": "randaugment"}, {"mixup": 0.2}, {"erasing": 0.5}):
+    for changes in ({"policy": "randaugment"}, {"mixup": 0.2}):
         assert "per-image augmentation policy" in cache_blocker(resolve(freeze="features", augment=still | changes))
+    assert "augmentation is on" in cache_blocker(resolve(freeze="features", augment=still | {"erasing": 0.5}))
     assert "--sampler balanced" in cache_blocker(resolve(freeze="features", sampler="balanced", augment=still))

@@ -2,8 +2,8 @@
 
 Images are decoded once to ``image_size`` x ``image_size`` uint8 tensors (squashed, as the tutorial's
 ``target_size`` does) and either kept in memory, when they fit, or decoded again by loader workers every epoch.
-Batch augmentation happens in the training loop, where the batch is; per-image policies (RandAugment, random
-erasing) run in the loader or the training process, as the ``transform`` given here.
+Batch augmentation (random erasing included) happens in the training loop, where the batch is; per-image policies
+(RandAugment, TrivialAugment) run in the loader or the training process, as the ``transform`` given here.
 """
 
 from __future__ import annotations
@@ -298,7 +298,7 @@ class Batches(Resumable):
     ``state_dict()`` / ``load_state_dict()`` save and restore where the shuffling stands, mid-epoch included.
 
     Args:
-        transform: a per-image transform of uint8 3 x S x S tensors (RandAugment, random erasing), applied every
+        transform: a per-image transform of uint8 3 x S x S tensors (RandAugment, TrivialAugment), applied every
             epoch: by the loader workers when streaming, in this process when the images are in memory.
         sampler: ``shuffle`` (each image once per epoch) or ``balanced`` (images drawn with replacement with
             probability inversely proportional to their class's size, so every class is seen equally often).

@@ -5,9 +5,11 @@ affine warp per image, so a batch is warped by one ``grid_sample`` call. This ru
 (the GPU, or the training process on CPU): on 2 cores, per-image transforms in loader workers would take the
 cores the model needs. torchvision's v2 transforms draw one set of parameters per call, i.e. per batch.
 
-The presets add torchvision's per-image policies (RandAugment, TrivialAugmentWide) and random erasing, run on
-uint8 images before batching (``image_transform``), and MixUp / CutMix, which mix whole batches and their labels
-(``batch_mixer``); the loss then takes soft targets.
+Random erasing (Zhong et al., 2017) is part of the batch warp too: one rectangle of zeros per chosen image, drawn
+as torchvision's ``RandomErasing`` draws it, so it needs no per-image step and keeps the loaders' fast paths.
+The presets add torchvision's per-image policies (RandAugment, TrivialAugmentWide), run on uint8 images before
+batching (``image_transform``), and MixUp / CutMix, which mix whole batches and their labels (``batch_mixer``);
+the loss then takes soft targets.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ from ..errors import UsageError
 from .settings import check_settings, setting
 
 POLICIES = ("none", "basic", "randaugment", "trivialaugment")
+
+# Random erasing's rectangle: this share of the image's area, at an aspect ratio (height / width) drawn
+# log-uniformly from this range (torchvision's RandomErasing defaults).
+ERASE_AREA = (0.02, 0.33)
+ERASE_RATIO = (0.3, 3.3)
 
 
 @dataclass
@@ -68,16 +75,17 @@ class AugmentConfig:
 
     @property
     def beyond_batch(self) -> bool:
-        """Whether a per-image policy, random erasing or MixUp/CutMix is on (the presets beyond ``basic``)."""
+        """Whether a per-image policy or MixUp/CutMix is on (the presets beyond ``basic``)."""
         if self.policy == "none":
             return False
-        return self.policy != "basic" or bool(self.erasing or self.mixup or self.cutmix)
+        return self.policy != "basic" or bool(self.mixup or self.cutmix)
 
     @property
     def enabled(self) -> bool:
+        """Whether ``augment_batch`` changes images."""
         if self.policy == "none":
             return False
-        return self.geometric or self.hflip or self.vflip or bool(self.brightness)
+        return self.geometric or self.hflip or self.vflip or bool(self.brightness or self.erasing)
 
 
 def image_transform(config: AugmentConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -89,8 +97,6 @@ def image_transform(config: AugmentConfig) -> Callable[[torch.Tensor], torch.Ten
         steps.append(v2.RandAugment())
     elif config.policy == "trivialaugment":
         steps.append(v2.TrivialAugmentWide())
-    if config.erasing and config.policy != "none":
-        steps.append(v2.RandomErasing(p=config.erasing, value=0))
     return v2.Compose(steps) if steps else None
 
 
@@ -127,7 +133,8 @@ def augment_batch(
 ) -> torch.Tensor:
     """Randomly transform a float batch N x C x H x W with values in [0, 1]; returns a new batch.
 
-    Areas uncovered by a warp are filled with black (0), as a zero-padded random crop would be.
+    Areas uncovered by a warp are filled with black (0), as a zero-padded random crop would be; random erasing
+    comes last, so its rectangle is black too.
     """
     if not config.enabled:
         return images
@@ -159,4 +166,32 @@ def augment_batch(
     if config.brightness:
         factor = 1 + _uniform(n, config.brightness, device, generator)
         images = (images * factor.view(-1, 1, 1, 1).to(images.dtype)).clamp_(0, 1)
+    if config.erasing:
+        images = erase(images, config.erasing, generator)
     return images
+
+
+def erase(images: torch.Tensor, probability: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random erasing: each image of N x C x H x W, with ``probability``, gets one rectangle set to 0.
+
+    The rectangle covers a share of the area drawn from ``ERASE_AREA`` at an aspect ratio drawn log-uniformly from
+    ``ERASE_RATIO``, clipped to the image (where torchvision's ``RandomErasing`` draws again, up to 10 times, and
+    then leaves the image alone), at a uniformly drawn position where it fits.
+    """
+    n, _, height, width = images.shape
+    device = images.device
+
+    def draw(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, generator=generator, device=device)
+
+    area = draw(*ERASE_AREA) * height * width
+    ratio = torch.exp(draw(math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1])))
+    rect_h = torch.sqrt(area * ratio).round().clamp(1, height)
+    rect_w = torch.sqrt(area / ratio).round().clamp(1, width)
+    top = torch.floor(draw(0, 1) * (height - rect_h + 1))
+    left = torch.floor(draw(0, 1) * (width - rect_w + 1))
+    chosen = (draw(0, 1) < probability).view(-1, 1, 1)
+    rows = torch.arange(height, device=device).view(1, -1, 1) - top.view(-1, 1, 1)
+    cols = torch.arange(width, device=device).view(1, 1, -1) - left.view(-1, 1, 1)
+    inside = (rows >= 0) & (rows < rect_h.view(-1, 1, 1)) & (cols >= 0) & (cols < rect_w.view(-1, 1, 1))
+    return images.masked_fill((inside & chosen).unsqueeze(1), 0)

@@ -85,7 +85,7 @@ def cache_blocker(config: TrainConfig) -> str | None:
     if config.augment.enabled:
         return "augmentation is on (turn it off with --shift 0 --no-hflip and the other augmentation flags at 0)"
     if config.augment.beyond_batch or config.sampler != "shuffle":
-        return "a per-image augmentation policy, MixUp/CutMix, random erasing or --sampler balanced is on"
+        return "a per-image augmentation policy, MixUp/CutMix or --sampler balanced is on"
     if not config.cache_features:
         return "--no-cache-features was given"
     if config.ema:
