@@ -89,15 +89,14 @@ class AugmentConfig:
 
 
 def image_transform(config: AugmentConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The per-image part of ``config`` for uint8 3 x H x W tensors, or ``None`` when there is none."""
+    """The per-image policy of ``config`` for uint8 3 x H x W tensors, or ``None`` when there is none."""
     from torchvision.transforms import v2
 
-    steps: list[Callable] = []
     if config.policy == "randaugment":
-        steps.append(v2.RandAugment())
-    elif config.policy == "trivialaugment":
-        steps.append(v2.TrivialAugmentWide())
-    return v2.Compose(steps) if steps else None
+        return v2.RandAugment()
+    if config.policy == "trivialaugment":
+        return v2.TrivialAugmentWide()
+    return None
 
 
 def batch_mixer(
