@@ -56,6 +56,12 @@ POINTS: dict[str, str] = {
     "warmup0.4": "--warmup-epochs 0.4",
     # Random erasing in the batch augmentation (issue 17, third session).
     "erasing0.25": "--erasing 0.25",
+    # Optimizer, peak rate and label smoothing on the shipped defaults (issue 17, fourth session).
+    "sgd-onecycle0.05": "--optimizer sgd --lr 0.05 --weight-decay 5e-4 --schedule onecycle",
+    "sgd0.05": "--optimizer sgd --lr 0.05 --weight-decay 5e-4",
+    "lr2e-3": "--lr 2e-3",
+    "lr5e-4": "--lr 5e-4",
+    "ls0": "--label-smoothing 0",
 }
 
 
