@@ -14,6 +14,7 @@ from torch import nn
 
 from vgg.cli import main
 from vgg.inference import Step
+from vgg.report import HISTORY_FIELDS, plot_curves, read_history, write_history
 from vgg.scan import scan_folder
 from vgg.training.config import TrainConfig
 from vgg.training.ema import WeightAverage
@@ -121,7 +122,9 @@ def test_ema_survives_resume_bit_identically(two_class_dir: Path):
         assert [r["ema_val_loss"] for r in last["history"]] == [r["ema_val_loss"] for r in whole[-1]["history"]]
 
 
-def test_the_saved_model_is_the_average_when_it_validates_better(two_class_dir: Path, tmp_path: Path):
+def test_the_saved_model_is_the_average_when_it_validates_better_and_history_keeps_both(
+    two_class_dir: Path, tmp_path: Path
+):
     run = tmp_path / "run"
     assert main(["train", str(two_class_dir), "--out", str(run), "--epochs", "1", *TINY]) == 0
     state = load_state(run)
@@ -132,6 +135,11 @@ def test_the_saved_model_is_the_average_when_it_validates_better(two_class_dir: 
     is_model = all(torch.equal(saved[k], state["model"][k]) for k in saved)
     assert is_average != is_model  # one of the two, never a mix
     assert is_average == (row["ema_val_accuracy"] > row["val_accuracy"])
+    # history.csv (and so the curves and the HTML report) has the average's validation beside the model's
+    written = read_history(run / "history.csv")
+    assert [(r["val_accuracy"], r["ema_val_accuracy"], r["ema_val_loss"]) for r in written] == [
+        (r["val_accuracy"], r["ema_val_accuracy"], r["ema_val_loss"]) for r in state["history"]
+    ]
 
 
 def test_ema_of_one_or_more_is_refused(two_class_dir: Path, tmp_path: Path, capsys):
@@ -139,3 +147,15 @@ def test_ema_of_one_or_more_is_refused(two_class_dir: Path, tmp_path: Path, caps
     assert code == 2 and "ema must be a decay from 0 (off) up to, not including, 1. Received: ema=1" in (
         capsys.readouterr().err
     )
+
+
+def test_history_has_the_average_columns_only_when_the_run_averages(tmp_path: Path):
+    row = {"epoch": 1.0, "loss": 0.5, "accuracy": 0.8, "val_loss": 0.4, "val_accuracy": 0.85, "lr": 1e-3}
+    row |= {"images_per_s": 150.0, "seconds": 380.0}
+    write_history(tmp_path / "plain.csv", [row])
+    assert (tmp_path / "plain.csv").read_text().splitlines()[0] == ",".join(HISTORY_FIELDS)
+    averaged = [row | {"ema_val_loss": 0.3, "ema_val_accuracy": 0.9}, row | {"epoch": 2.0}]
+    write_history(tmp_path / "ema.csv", averaged)
+    assert read_history(tmp_path / "ema.csv") == averaged  # an epoch without the average reads back without it
+    plot_curves(tmp_path / "curves.png", averaged)
+    assert (tmp_path / "curves.png").stat().st_size > 0

@@ -89,12 +89,17 @@ def format_summary(arch: str, num_classes: int, image_size: int, freeze: str = "
 
 
 HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "images_per_s", "seconds")
+# Columns only some runs have: the weight average's validation (--ema).
+OPTIONAL_FIELDS = ("ema_val_loss", "ema_val_accuracy")
 
 
 def write_history(path: str | Path, history: Sequence[dict[str, float]]) -> None:
+    """One row per epoch; the optional columns when any epoch has them (empty where one does not)."""
+    fields = [*HISTORY_FIELDS, *(f for f in OPTIONAL_FIELDS if any(f in row for row in history))]
+
     def write(temp: str) -> None:
         with open(temp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore", restval="")
             writer.writeheader()
             writer.writerows(history)
 
@@ -103,11 +108,12 @@ def write_history(path: str | Path, history: Sequence[dict[str, float]]) -> None
 
 def read_history(path: str | Path) -> list[dict[str, float]]:
     with open(path, newline="") as handle:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
 
 
 def plot_curves(path: str | Path, history: Sequence[dict[str, float]]) -> None:
-    """Accuracy / val accuracy and loss / val loss against epochs, as the tutorial plots them."""
+    """Accuracy / val accuracy and loss / val loss against epochs, as the tutorial plots them (with --ema, the
+    average's validation too)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,6 +125,9 @@ def plot_curves(path: str | Path, history: Sequence[dict[str, float]]) -> None:
     for axes, metric in ((left, "accuracy"), (right, "loss")):
         axes.plot(epochs, [row[metric] for row in history], marker="o", label=metric)
         axes.plot(epochs, [row[f"val_{metric}"] for row in history], marker="o", label=f"val_{metric}")
+        averaged = [(row["epoch"], row[f"ema_val_{metric}"]) for row in history if f"ema_val_{metric}" in row]
+        if averaged:
+            axes.plot(*zip(*averaged, strict=True), marker="o", linestyle="--", label=f"ema_val_{metric}")
         axes.set_xlabel("epoch")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel(metric)
