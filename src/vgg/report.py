@@ -89,17 +89,16 @@ def format_summary(arch: str, num_classes: int, image_size: int, freeze: str = "
 
 
 HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "images_per_s", "seconds")
-# Columns only some runs have: the weight average's validation (--ema).
-OPTIONAL_FIELDS = ("ema_val_loss", "ema_val_accuracy")
 
 
 def write_history(path: str | Path, history: Sequence[dict[str, float]]) -> None:
-    """One row per epoch; the optional columns when any epoch has them (empty where one does not)."""
-    fields = [*HISTORY_FIELDS, *(f for f in OPTIONAL_FIELDS if any(f in row for row in history))]
+    """One row per epoch: ``HISTORY_FIELDS``, then every other column a row has (with ``--ema``, the average's
+    validation), empty where a row lacks it."""
+    fields = list(dict.fromkeys([*HISTORY_FIELDS, *(name for row in history for name in row)]))
 
     def write(temp: str) -> None:
         with open(temp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore", restval="")
+            writer = csv.DictWriter(handle, fieldnames=fields, restval="")
             writer.writeheader()
             writer.writerows(history)
 
