@@ -29,13 +29,13 @@ ACCURACY_SECTION = "Accuracy on Fashion-MNIST (`make accuracy`)"
 def time_to(history: list[dict[str, float]], target: float) -> float | None:
     """Training seconds until the run's model first reached ``target`` validation accuracy (None if it never did).
 
-    With ``--ema`` the run's model of an epoch is the better of the trained and the averaged weights (the one it
-    saves), so either one reaching the target counts.
+    With ``--ema`` the run's model of an epoch is the one its history row names (the trained or the averaged
+    weights, whichever the run kept), so that one's validation counts.
     """
     elapsed = 0.0
     for row in history:
         elapsed += row["seconds"]
-        if max(row["val_accuracy"], row.get("ema_val_accuracy", 0.0)) >= target:
+        if row["ema_val_accuracy" if row.get("model_is_average") else "val_accuracy"] >= target:
             return elapsed
     return None
 

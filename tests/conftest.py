@@ -151,6 +151,13 @@ def crashing_png() -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+def saved_and_loaded(state: dict, map_location: str | None = None) -> dict:
+    """``state`` written as save_state writes it and read back as load_state reads it (weights only)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return torch.load(io.BytesIO(buffer.getvalue()), weights_only=True, map_location=map_location)
+
+
 class Interrupted(Exception):
     """Stops ``fit`` at a chosen checkpoint, as a kill would."""
 
@@ -176,9 +183,7 @@ def fit_with_checkpoints(
     saved: list[dict] = []
 
     def keep(s: dict) -> None:
-        buffer = io.BytesIO()  # what save_state writes, read back as load_state reads it
-        torch.save(s, buffer)
-        saved.append(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+        saved.append(saved_and_loaded(s))
         if stop_at is not None and len(saved) == stop_at:
             raise Interrupted
 

@@ -135,6 +135,7 @@ def test_the_saved_model_is_the_average_when_it_validates_better_and_history_kee
     is_model = all(torch.equal(saved[k], state["model"][k]) for k in saved)
     assert is_average != is_model  # one of the two, never a mix
     assert is_average == (row["ema_val_accuracy"] > row["val_accuracy"])
+    assert row["model_is_average"] == float(is_average)  # the history says which one it kept
     # history.csv (and so the curves and the HTML report) has the average's validation beside the model's
     written = read_history(run / "history.csv")
     assert [(r["val_accuracy"], r["ema_val_accuracy"], r["ema_val_loss"]) for r in written] == [

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import saved_and_loaded
 from PIL import Image
 from torch import nn
 
@@ -203,7 +204,7 @@ def test_optimizer_state_resumes_in_the_parameters_layout(saved, resumed):
     before = _optimisation(saved)
     _train_step(before, saved, 1)
     state = before.state_dict([])
-    state = torch.load(_saved(state), weights_only=False)
+    state = saved_and_loaded(state)
     after = _optimisation(resumed)
     after.load_state_dict(state, [])
     for parameter in after.model.parameters():
@@ -226,21 +227,12 @@ def test_optimizer_state_resumes_in_the_parameters_layout(saved, resumed):
     assert torch.cat(drift).mean() < 1e-3 * lr
 
 
-def _saved(state: dict) -> object:
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return buffer
-
-
 @pytest.mark.gpu
 @needs_cuda
 def test_a_cpu_run_resumes_on_cuda_with_fused_channels_last_state():
     saved = _optimisation(torch.contiguous_format)  # fp32 on a CPU at >= 128 px keeps NCHW; forced here at 32 px
     _train_step(saved, torch.contiguous_format, 1)
-    state = torch.load(_saved(saved.state_dict([])), weights_only=False, map_location="cpu")
+    state = saved_and_loaded(saved.state_dict([]), map_location="cpu")
     cuda = torch.device("cuda")
     resumed = _optimisation(torch.channels_last, cuda)
     resumed.load_state_dict(state, [])

@@ -117,8 +117,14 @@ def batch_mixer(
     return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
 
+def _between(n: int, low: float, high: float, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """``n`` values drawn uniformly from [low, high)."""
+    return low + (high - low) * torch.rand(n, generator=generator, device=device)
+
+
 def _uniform(n: int, bound: float, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
-    return (torch.rand(n, generator=generator, device=device) * 2 - 1) * bound
+    """``n`` values drawn uniformly from [-bound, bound)."""
+    return _between(n, -bound, bound, device, generator)
 
 
 def _signs(n: int, enabled: bool, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
@@ -180,16 +186,13 @@ def erase(images: torch.Tensor, probability: float, generator: torch.Generator |
     n, _, height, width = images.shape
     device = images.device
 
-    def draw(low: float, high: float) -> torch.Tensor:
-        return low + (high - low) * torch.rand(n, generator=generator, device=device)
-
-    area = draw(*ERASE_AREA) * height * width
-    ratio = torch.exp(draw(math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1])))
+    area = _between(n, *ERASE_AREA, device, generator) * height * width
+    ratio = torch.exp(_between(n, math.log(ERASE_RATIO[0]), math.log(ERASE_RATIO[1]), device, generator))
     rect_h = torch.sqrt(area * ratio).round().clamp(1, height)
     rect_w = torch.sqrt(area / ratio).round().clamp(1, width)
-    top = torch.floor(draw(0, 1) * (height - rect_h + 1))
-    left = torch.floor(draw(0, 1) * (width - rect_w + 1))
-    chosen = (draw(0, 1) < probability).view(-1, 1, 1)
+    top = torch.floor(_between(n, 0, 1, device, generator) * (height - rect_h + 1))
+    left = torch.floor(_between(n, 0, 1, device, generator) * (width - rect_w + 1))
+    chosen = (_between(n, 0, 1, device, generator) < probability).view(-1, 1, 1)
     rows = torch.arange(height, device=device).view(1, -1, 1) - top.view(-1, 1, 1)
     cols = torch.arange(width, device=device).view(1, 1, -1) - left.view(-1, 1, 1)
     inside = (rows >= 0) & (rows < rect_h.view(-1, 1, 1)) & (cols >= 0) & (cols < rect_w.view(-1, 1, 1))

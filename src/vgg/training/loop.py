@@ -320,6 +320,7 @@ class Optimisation:
                 averaged = row["ema_" + self.config.monitor]
                 use_ema = averaged > value if self.stopper.mode == "max" else averaged < value
                 value = averaged if use_ema else value
+            row["model_is_average"] = float(use_ema)  # which of the two the epoch's model (and any saved one) is
         self.result.history.append(row)
         self.epoch = epoch
         improved = self.stopper.update(value, epoch)
