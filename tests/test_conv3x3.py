@@ -9,22 +9,41 @@ from torch import nn
 from vgg.models import Conv3x3, build
 
 
-@pytest.mark.parametrize("side", [1, 2, 4])
-def test_outputs_and_gradients_equal_nn_conv2d(side):
+def _both(height: int, width: int, memory_format: torch.memory_format, bf16: bool = False):
+    """Conv3x3 and nn.Conv2d with the same weights, run forward and backward on the same input."""
     torch.manual_seed(0)
     reference = nn.Conv2d(16, 8, 3, padding=1)
     conv = Conv3x3(16, 8, 3, padding=1)
     conv.load_state_dict(reference.state_dict())
-    x = torch.randn(5, 16, side, side).to(memory_format=torch.channels_last)
-    x_ref = x.detach().clone().requires_grad_()
-    x = x.detach().clone().requires_grad_()
-    weights = torch.randn(5, 8, side, side)
-    (conv(x) * weights).sum().backward()
-    (reference(x_ref) * weights).sum().backward()
-    torch.testing.assert_close(conv(x), reference(x_ref), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(conv.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(conv.bias.grad, reference.bias.grad, rtol=1e-4, atol=1e-4)
+    x = torch.randn(5, 16, height, width).contiguous(memory_format=memory_format)
+    weights = torch.randn(5, 8, height, width)
+    results = []
+    for layer in (conv, reference):
+        inputs = x.detach().clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            out = layer(inputs)
+        (out.float() * weights).sum().backward()
+        results.append((out, inputs.grad, layer.weight.grad, layer.bias.grad))
+    return results
+
+
+@pytest.mark.parametrize("height, width", [(1, 1), (1, 2), (2, 1), (2, 2), (3, 3), (4, 4)])
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_outputs_and_gradients_equal_nn_conv2d(height, width, memory_format):
+    ours, theirs = _both(height, width, memory_format)
+    for name, a, b in zip(("output", "input grad", "weight grad", "bias grad"), ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("height, width", [(1, 1), (2, 2)])
+def test_under_bf16_autocast_it_matches_nn_conv2d_to_bf16_rounding(height, width):
+    (out, x_grad, w_grad, b_grad), theirs = _both(height, width, torch.channels_last, bf16=True)
+    assert out.dtype == theirs[0].dtype == torch.bfloat16
+    assert w_grad.dtype == torch.float32  # the parameters' gradients stay in their own precision
+    for name, a, b in zip(
+        ("output", "input grad", "weight grad", "bias grad"), (out, x_grad, w_grad, b_grad), theirs, strict=True
+    ):
+        torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2, msg=name)
 
 
 def test_vgg_trains_the_same_with_either_convolution_at_32_px():

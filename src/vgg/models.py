@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError, did_you_mean
@@ -50,30 +49,76 @@ def pooled_size(image_size: int) -> int:
     return min(7, image_size // 32)
 
 
+class _SpreadKernel(torch.autograd.Function):
+    """A 3x3 kernel (out, in, 3, 3) spread into the dense matrix of its 'same' convolution over an H x W map with
+    H, W <= 2, rows ordered (output pixel, out channel) and columns (input pixel, in channel).
+
+    On such a map every output pixel sees every input pixel, each through one tap of the kernel, so the matrix
+    holds every weight; written by hand so that both directions are 16 block copies rather than a gather whose
+    backward scatters into (or permutes) a tensor of the whole matrix's size.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        pairs = _tap_pairs(height, width)
+        pixels = height * width
+        out_channels, in_channels = weight.shape[:2]
+        dense = weight.new_empty(pixels, out_channels, pixels, in_channels)
+        for (to, frm), (row, col) in pairs:
+            dense[to, :, frm, :] = weight[:, :, row, col]
+        ctx.pairs, ctx.shape = pairs, weight.shape
+        return dense.view(pixels * out_channels, pixels * in_channels)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        out_channels, in_channels = ctx.shape[:2]
+        pixels = grad.shape[0] // out_channels
+        blocks = grad.view(pixels, out_channels, pixels, in_channels)
+        # Summed in float32: a tap shared by up to four pixel pairs would lose bits in bfloat16.
+        weight_grad = torch.zeros(ctx.shape, dtype=torch.float32, device=grad.device)
+        for (to, frm), (row, col) in ctx.pairs:
+            weight_grad[:, :, row, col] += blocks[to, :, frm, :]
+        return weight_grad.to(grad.dtype), None, None
+
+
+def _tap_pairs(height: int, width: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """((output pixel, input pixel), (kernel row, kernel column)) for every pair of pixels of an H x W map."""
+    pixels = [(y, x) for y in range(height) for x in range(width)]
+    return [
+        ((i, j), (yi - yo + 1, xi - xo + 1)) for i, (yo, xo) in enumerate(pixels) for j, (yi, xi) in enumerate(pixels)
+    ]
+
+
 class Conv3x3(nn.Conv2d):
     """``nn.Conv2d(in, out, 3, padding=1)`` (same parameters and names) that trains tiny maps faster.
 
-    When training in fp32 on the CPU on a map of at most 2x2 px (VGG's last block at 32-63 px), the layer is
-    computed as one matrix product of the unfolded input, whose backward is two more: oneDNN's backward is slow on
-    such tiny maps, and the matrix products halve the layer's time (benchmarks/RESULTS.md, "Design
-    measurements"). At 4x4 px and above oneDNN is faster, so everything else stays with it. Results equal
-    oneDNN's up to float rounding.
+    When training on the CPU on a map of at most 2x2 px (VGG's last block at 32-63 px), the layer is one dense
+    matrix product: every output pixel sees every input pixel there, so the kernel spreads into an
+    (H*W*out) x (H*W*in) matrix with no zero-padding work, where oneDNN's convolution computes 9 taps per pixel,
+    5 of them on padding, and its backward is slow on such tiny maps (benchmarks/RESULTS.md, "Design
+    measurements"). At 4x4 px and above oneDNN is faster, so everything else stays with it, as does inference
+    (so that exports trace a plain convolution). Results equal oneDNN's up to float rounding.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, height, width = x.shape
         if not (
-            height * width <= 4
+            height <= 2
+            and width <= 2
             and x.device.type == "cpu"
-            and x.dtype == torch.float32
             and torch.is_grad_enabled()
             and (self.weight.requires_grad or x.requires_grad)  # a backward pass will follow: the slow part
-            and not torch.is_autocast_enabled("cpu")
             and self.bias is not None
         ):
             return super().forward(x)
-        columns = F.unfold(x, 3, padding=1).transpose(1, 2).reshape(n * height * width, -1)
-        out = torch.addmm(self.bias, columns, self.weight.reshape(self.out_channels, -1).t())
+        weight = self.weight
+        if torch.is_autocast_enabled("cpu"):
+            # Spread the kernel in the precision the product runs in: half the bytes to copy, both ways.
+            weight = weight.to(torch.get_autocast_dtype("cpu"))
+        dense = _SpreadKernel.apply(weight, height, width)
+        # Channels-last input is already (N, H, W, C) in memory, so this is a view; the output is channels-last too.
+        columns = x.permute(0, 2, 3, 1).reshape(n, -1)
+        out = torch.addmm(self.bias.repeat(height * width), columns, dense.t())
         return out.view(n, height, width, self.out_channels).permute(0, 3, 1, 2)
 
 
