@@ -1,4 +1,4 @@
-# make demo: set up, convert Fashion-MNIST, train VGG16 briefly, evaluate and predict.
+# make demo: set up, convert Fashion-MNIST, train VGG16-BN (the default recipe) briefly, evaluate and predict.
 # make test: set up and run the tests.
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DATA := data/fashion-mnist
 RUN := runs/demo
 FASHION_MNIST_DEB := /usr/share/datasets/fashion-mnist
-DEMO_ARGS ?= --arch vgg16 --image-size 32 --epochs 4 --max-per-class 1000 --batch-size 64
+DEMO_ARGS ?= --image-size 32 --epochs 4 --max-per-class 1000 --batch-size 64
 
 .PHONY: setup test demo bench bench-keras accuracy lint clean
 

@@ -54,8 +54,8 @@ class _SpreadKernel(torch.autograd.Function):
     H, W <= 2, rows ordered (output pixel, out channel) and columns (input pixel, in channel).
 
     On such a map every output pixel sees every input pixel, each through one tap of the kernel, so the matrix
-    holds every weight; written by hand so that both directions are 16 block copies rather than a gather whose
-    backward scatters into (or permutes) a tensor of the whole matrix's size.
+    holds every weight; written by hand so that both directions are one block copy per pixel pair (16 at 2x2)
+    rather than a gather whose backward scatters into (or permutes) a tensor of the whole matrix's size.
     """
 
     @staticmethod
