@@ -36,9 +36,9 @@ from vgg.inference import Step
 from vgg.models import build
 from vgg.runtime import autocast, cpu_has_bf16, pick_precision, training_memory_format
 from vgg.scan import scan_folder
-from vgg.training.augment import AugmentConfig
 from vgg.training.config import TrainConfig
-from vgg.training.loop import make_optimizer, train_one_epoch
+from vgg.training.epoch import Updates, train_one_epoch
+from vgg.training.loop import make_optimizer
 from vgg.training.schedules import make_schedule
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -127,11 +127,11 @@ def vgg_train_rate(arch: str, size: int, batches, device: torch.device, precisio
     layout = training_memory_format(device, precision, size)  # as `vgg train` chooses
     model = build(arch, num_classes=10, image_size=size).to(device, memory_format=layout)
     optimizer = make_optimizer(model, config)
-    schedule = make_schedule(optimizer, config, len(batches))
+    updates = Updates(optimizer, make_schedule(optimizer, config, len(batches)))
     step = Step(device, precision, (0.5,) * 3, (0.25,) * 3, memory_format=layout)
     warm = Synthetic(next(iter(batches))[0].shape[0], size, 1)
-    train_one_epoch(model, warm, optimizer, schedule, step, AugmentConfig(), progress=False)
-    return train_one_epoch(model, batches, optimizer, schedule, step, AugmentConfig(), progress=False)["images_per_s"]
+    train_one_epoch(model, warm, updates, step, progress=False)
+    return train_one_epoch(model, batches, updates, step, progress=False)["images_per_s"]
 
 
 def vgg_infer_rate(arch: str, size: int, batch: int, steps: int, device: torch.device, precision: str) -> float:

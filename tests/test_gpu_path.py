@@ -30,7 +30,8 @@ from vgg.scan import Sample
 from vgg.training import autobatch
 from vgg.training.augment import AugmentConfig
 from vgg.training.config import TrainConfig
-from vgg.training.loop import Optimisation, train_one_epoch
+from vgg.training.epoch import Objective, Updates, train_one_epoch
+from vgg.training.loop import Optimisation
 from vgg.training.schedules import make_schedule
 from vgg.training.state import rng_states, set_rng_states
 
@@ -191,8 +192,8 @@ def _train_step(run: Optimisation, layout: torch.memory_format, seed: int) -> No
     images = torch.rand(2, 3, 32, 32, generator=generator).to(run.device).contiguous(memory_format=layout)
     loss = nn.functional.cross_entropy(run.model(images), torch.tensor([0, 1], device=run.device))
     loss.backward()
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    run.updates.optimizer.step()
+    run.updates.optimizer.zero_grad(set_to_none=True)
 
 
 @pytest.mark.parametrize(
@@ -209,16 +210,18 @@ def test_optimizer_state_resumes_in_the_parameters_layout(saved, resumed):
     after.load_state_dict(state, [])
     for parameter in after.model.parameters():
         for key in ("exp_avg", "exp_avg_sq"):
-            moment = after.optimizer.state[parameter][key]
+            moment = after.updates.optimizer.state[parameter][key]
             assert moment.stride() == parameter.stride(), key
             assert moment.is_contiguous(memory_format=resumed) or moment.ndim < 4
     # The moments are the saved ones, in the new layout, and training goes on from them exactly as it would have.
     for old, new in zip(before.model.parameters(), after.model.parameters(), strict=True):
-        assert torch.equal(before.optimizer.state[old]["exp_avg"], after.optimizer.state[new]["exp_avg"])
+        assert torch.equal(
+            before.updates.optimizer.state[old]["exp_avg"], after.updates.optimizer.state[new]["exp_avg"]
+        )
     _train_step(before, saved, 2)
     _train_step(after, resumed, 2)
-    lr = after.optimizer.param_groups[0]["lr"]
-    assert all(int(after.optimizer.state[p]["step"]) == 2 for p in after.model.parameters())
+    lr = after.updates.optimizer.param_groups[0]["lr"]
+    assert all(int(after.updates.optimizer.state[p]["step"]) == 2 for p in after.model.parameters())
     # The layouts' kernels round differently, and Adam's normalised step magnifies that where a gradient is tiny:
     # one weight in thousands may take a rather different step (measured up to 1.6 lr). So the check is on the
     # mean distance: after a resume that kept the moments it was 7e-5 lr, after one that lost them 0.2 lr.
@@ -237,7 +240,7 @@ def test_a_cpu_run_resumes_on_cuda_with_fused_channels_last_state():
     resumed = _optimisation(torch.channels_last, cuda)
     resumed.load_state_dict(state, [])
     for parameter in resumed.model.parameters():
-        moment = resumed.optimizer.state[parameter]["exp_avg"]
+        moment = resumed.updates.optimizer.state[parameter]["exp_avg"]
         assert moment.device == parameter.device and moment.stride() == parameter.stride()
     _train_step(resumed, torch.channels_last, 2)  # the fused CUDA AdamW refuses mixed layouts
     assert all(torch.isfinite(p).all() for p in resumed.model.parameters())
@@ -311,8 +314,8 @@ def _ddp_epoch_with_a_bad_batch(rank: int, port: int, folder: str, out: str) -> 
     step = Step(torch.device("cpu"), "fp32", (0.5,) * 3, (0.25,) * 3, memory_format=torch.contiguous_format)
     steps: list[int] = []
     result = train_one_epoch(
-        ddp, batches, optimizer, make_schedule(optimizer, config, 2), step, AugmentConfig(policy="none"),
-        progress=False, on_step=lambda totals, done: steps.append(done),
+        ddp, batches, Updates(optimizer, make_schedule(optimizer, config, 2)), step,
+        Objective(AugmentConfig(policy="none")), progress=False, on_step=lambda totals, done: steps.append(done),
     )  # fmt: skip
     weights = torch.cat([p.detach().flatten() for p in model.parameters()])
     torch.save({"steps": steps, "seen": batches.skipped, "weights": weights, "result": result}, f"{out}/{rank}.pt")

@@ -12,7 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from vgg.cli import main
-from vgg.training.lr_find import range_test, sweep_rates
+from vgg.inference import Step
+from vgg.training.augment import AugmentConfig
+from vgg.training.config import TrainConfig
+from vgg.training.epoch import Objective
+from vgg.training.lr_find import range_test, sweep_model, sweep_rates
 
 TINY = ["--arch", "vgg11", "--image-size", "32", "--batch-size", "4", "--workers", "0", "--device", "cpu"]
 
@@ -72,6 +76,28 @@ def test_suggestion_lies_between_the_rate_that_does_nothing_and_the_one_that_div
     assert max(idle) < result.suggestion < min(diverging)
     before, after = _loss_after_training(result.suggestion)
     assert after < 0.25 * before  # and it trains well, not merely "somewhere in between"
+
+
+def test_the_sweep_trains_on_the_training_objective_and_puts_the_model_back():
+    # A rate suggested for a run with MixUp and label smoothing must come from the loss that run minimises.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.tensor([0, 1, 0, 1]))] * 3
+    step = Step(torch.device("cpu"), "fp32", (0.5,) * 3, (0.25,) * 3)
+    mixed: list[torch.Tensor] = []
+
+    def mixer(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mixed.append(labels)
+        return inputs, F.one_hot(labels, 2).float()
+
+    plain = sweep_model(model, batches, step, TrainConfig(), Objective(AugmentConfig(policy="none")), steps=12)
+    smoothed = Objective(AugmentConfig(policy="none"), label_smoothing=0.4, mixer=mixer)
+    sweep = sweep_model(model, batches, step, TrainConfig(), smoothed, steps=12)
+    assert len(mixed) == 12  # every step's batch went through the mixer
+    # The first rate is too small to move the weights: the two first losses differ by the smoothing alone.
+    assert sweep.losses[0] != pytest.approx(plain.losses[0], abs=1e-4)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
 
 
 def test_sweep_rates_rise_exponentially_from_start_to_end():

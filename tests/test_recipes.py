@@ -15,7 +15,8 @@ from vgg.inference import Step
 from vgg.scan import scan_folder
 from vgg.training.augment import AugmentConfig
 from vgg.training.config import TrainConfig, resolve
-from vgg.training.loop import fit, make_optimizer, train_one_epoch
+from vgg.training.epoch import Objective, Updates, train_one_epoch
+from vgg.training.loop import fit, make_optimizer
 from vgg.training.schedules import make_schedule
 
 CPU = Step(torch.device("cpu"), "fp32", (0.5,) * 3, (0.25,) * 3, memory_format=torch.contiguous_format)
@@ -93,10 +94,8 @@ def _one_epoch(model: nn.Module, batches: list, accumulate: int = 1, clip: float
     config = TrainConfig(optimizer="sgd", momentum=0.0, weight_decay=0.0, lr=lr, schedule="constant", warmup_epochs=0)
     optimizer = make_optimizer(model, config)
     schedule = make_schedule(optimizer, config, len(batches))
-    train_one_epoch(
-        model, batches, optimizer, schedule, CPU, NO_AUGMENT, progress=False, accumulate=accumulate,
-        clip_grad_norm=clip,
-    )  # fmt: skip
+    updates = Updates(optimizer, schedule, accumulate=accumulate, clip_grad_norm=clip)
+    train_one_epoch(model, batches, updates, CPU, Objective(NO_AUGMENT), progress=False)
 
 
 def test_accumulating_two_half_batches_equals_one_full_batch():

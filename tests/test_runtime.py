@@ -15,9 +15,9 @@ from vgg import runtime
 from vgg.cli import main
 from vgg.errors import UsageError
 from vgg.inference import Step
-from vgg.training.augment import AugmentConfig
 from vgg.training.config import TrainConfig
-from vgg.training.loop import make_optimizer, train_one_epoch
+from vgg.training.epoch import Updates, train_one_epoch
+from vgg.training.loop import make_optimizer
 from vgg.training.rundir import _tensorboard
 from vgg.training.schedules import make_schedule
 
@@ -33,7 +33,7 @@ def _step_with(precision: str) -> float:
     batches = [(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8), torch.tensor([0, 1, 0, 1]))]
     step = Step(CPU, runtime.pick_precision(precision, CPU), (0.5,) * 3, (0.25,) * 3)
     metrics = train_one_epoch(
-        model, batches, optimizer, make_schedule(optimizer, config, 1), step, AugmentConfig(), progress=False
+        model, batches, Updates(optimizer, make_schedule(optimizer, config, 1)), step, progress=False
     )
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # it learned
     return metrics["loss"]
@@ -47,9 +47,9 @@ def test_epoch_reports_the_learning_rate_of_its_last_step():
     schedule = make_schedule(optimizer, config, 4)
     batches = [(torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8), torch.tensor([0, 1]))] * 4
     step = Step(CPU, "fp32", (0.5,) * 3, (0.25,) * 3)
-    first = train_one_epoch(model, batches, optimizer, schedule, step, AugmentConfig(), progress=False)
+    first = train_one_epoch(model, batches, Updates(optimizer, schedule), step, progress=False)
     assert first["lr"] == pytest.approx(0.1 * 4 / 5)  # warm-up factor (step + 1) / (warmup + 1) at step 3 of 4
-    second = train_one_epoch(model, batches, optimizer, schedule, step, AugmentConfig(), progress=False)
+    second = train_one_epoch(model, batches, Updates(optimizer, schedule), step, progress=False)
     assert 0 < second["lr"] < first["lr"]  # cosine: the rate of step 7, 3/4 of the way down
 
 

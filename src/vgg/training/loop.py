@@ -1,27 +1,23 @@
-"""The training loop: one epoch, and ``fit``: epochs, validation, early stopping, unfreezing and resumable state."""
+"""The training loop, ``fit``: epochs (epoch.py), validation, early stopping, unfreezing, a weight average and
+resumable state."""
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Iterable, Sized
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
-from ..distributed import all_reduce_sum, gather, rank
+from ..distributed import gather, rank
 from ..inference import Step, evaluate
-from ..runtime import autocast
-from .augment import AugmentConfig, augment_batch, batch_mixer
 from .config import TrainConfig, monitor_mode
 from .ema import WeightAverage
-from .schedules import Schedule, make_schedule
+from .epoch import Objective, Totals, Updates, train_one_epoch
+from .schedules import make_schedule
 from .state import rng_states, set_rng_states
 from .transfer import lr_groups, unfreeze_if_due
 
@@ -42,153 +38,6 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=config.peak_lr, fused=fused)
     return torch.optim.AdamW(groups, lr=config.peak_lr, fused=fused)
-
-
-@dataclass
-class Totals:
-    """An epoch's running sums. They stay on the device: reading them every step would make the GPU wait."""
-
-    loss_sum: torch.Tensor
-    correct: torch.Tensor
-    seen: int = 0
-
-    @classmethod
-    def zeros(cls, device: torch.device) -> Totals:
-        return cls(torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long))
-
-    def state_dict(self) -> dict:
-        """The sums over all processes (a collective call under DDP); a resumed run restores them on rank 0."""
-        loss_sum, correct = self.loss_sum.detach().clone(), self.correct.clone()
-        seen = torch.tensor(self.seen, device=loss_sum.device)
-        for tensor in (loss_sum, correct, seen):
-            all_reduce_sum(tensor)
-        return {"loss_sum": loss_sum.cpu(), "correct": correct.cpu(), "seen": int(seen)}
-
-    def summary(self, images_per_s: float) -> dict[str, float]:
-        """Mean loss, accuracy and images/s over all processes (a collective call under DDP)."""
-        sums = torch.stack([self.loss_sum.double(), self.correct.double()])
-        extra = torch.tensor([self.seen, images_per_s], dtype=torch.float64, device=sums.device)
-        loss_sum, correct, seen, rate = all_reduce_sum(torch.cat([sums, extra])).tolist()
-        seen = max(seen, 1)
-        return {"loss": loss_sum / seen, "accuracy": correct / seen, "images_per_s": rate}
-
-    @classmethod
-    def from_state(cls, state: dict, device: torch.device) -> Totals:
-        return cls(state["loss_sum"].to(device), state["correct"].to(device), int(state["seen"]))
-
-
-def train_one_epoch(
-    model: nn.Module,
-    batches: Sized,
-    optimizer: torch.optim.Optimizer,
-    schedule: Schedule,
-    step: Step,
-    augment: AugmentConfig,
-    label_smoothing: float = 0.0,
-    scaler: torch.amp.GradScaler | None = None,
-    description: str = "train",
-    progress: bool = True,
-    *,
-    accumulate: int = 1,
-    clip_grad_norm: float = 0.0,
-    start: int = 0,
-    totals: Totals | None = None,
-    on_step: Callable[[Totals, int], None] | None = None,
-    mixer: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-    class_weights: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """One pass over ``batches`` (an iterable with a length), one optimizer step per ``accumulate`` batches.
-
-    ``start`` batches of this epoch were done before a resume, and ``totals`` holds their sums.
-    ``on_step(totals, batches_done)`` runs after every optimizer step: where mid-epoch checkpoints are taken.
-    ``mixer`` (MixUp/CutMix) turns labels into soft targets for the loss; ``class_weights`` weight it per class.
-    The returned ``lr`` is the learning rate of the epoch's last optimizer step.
-    """
-    model.train()
-    transform = functools.partial(augment_batch, config=augment) if augment.enabled else None
-    if class_weights is not None:
-        class_weights = class_weights.to(step.device)
-    totals = totals if totals is not None else Totals.zeros(step.device)
-    n = len(batches)
-    started, seen_before = time.perf_counter(), totals.seen
-    optimizer.zero_grad(set_to_none=True)
-    lr = optimizer.param_groups[0]["lr"]
-    bar = tqdm(batches, desc=description, leave=False, disable=not progress, unit="batch", dynamic_ncols=True)
-    for i, (images, labels) in enumerate(bar, start):
-        empty = len(labels) == 0
-        if empty and not isinstance(model, DistributedDataParallel):
-            continue
-        # The last group of an epoch may be short: average over the batches it really has.
-        group = min(accumulate, n - i // accumulate * accumulate)
-        boundary = (i + 1) % accumulate == 0 or i + 1 == n
-        # Under DDP, gradients are averaged across processes only on the group's last backward pass.
-        sync = model.no_sync() if not boundary and isinstance(model, DistributedDataParallel) else nullcontext()
-        if empty:
-            # Every file of this process's batch was bad (Batches hands it out empty under DDP). The others' backward
-            # passes wait for this one's gradients, and every process must step and checkpoint together: a pass
-            # that contributes zero gradients keeps them in step.
-            with sync:
-                _zero_pass(model, step, images.shape[-1], scaler)
-        else:
-            inputs = step.inputs(images, transform)
-            labels = labels.to(step.device, non_blocking=True)
-            targets = labels
-            if mixer is not None:
-                inputs, targets = mixer(inputs, labels)
-            with sync:
-                with autocast(step.device, step.precision):
-                    logits = model(inputs)
-                    loss = F.cross_entropy(
-                        logits.float(), targets, weight=class_weights, label_smoothing=label_smoothing
-                    )
-                scaled = loss / group if group > 1 else loss
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            totals.loss_sum += loss.detach() * len(labels)
-            totals.correct += (logits.argmax(1) == labels).sum()
-            totals.seen += len(labels)
-        if boundary:
-            lr = optimizer.param_groups[0]["lr"]
-            _optimizer_step(model, optimizer, scaler, clip_grad_norm)
-            schedule.step()
-            if on_step is not None:
-                on_step(totals, i + 1)
-        if progress and i % 10 == 0 and totals.seen:
-            rate = (totals.seen - seen_before) / (time.perf_counter() - started)
-            bar.set_postfix(loss=f"{totals.loss_sum.item() / totals.seen:.4f}",
-                            acc=f"{totals.correct.item() / totals.seen:.4f}", img_s=f"{rate:.1f}")  # fmt: skip
-    rate = (totals.seen - seen_before) / (time.perf_counter() - started)
-    return {**totals.summary(rate), "lr": lr}
-
-
-def _zero_pass(model: nn.Module, step: Step, image_size: int, scaler: torch.amp.GradScaler | None) -> None:
-    """A forward and backward pass that adds nothing to any gradient, for a process whose batch was empty.
-
-    One blank image goes through in eval mode, so batch-norm statistics and dropout streams stay as they were.
-    """
-    model.eval()
-    try:
-        blank = step.inputs(torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8))
-        with autocast(step.device, step.precision):
-            loss = model(blank).float().sum() * 0.0
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-    finally:
-        model.train()
-
-
-def _optimizer_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, clip_grad_norm: float
-) -> None:
-    """Clip (on unscaled gradients), step and clear the gradients."""
-    if clip_grad_norm:
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 @dataclass
@@ -253,9 +102,12 @@ class Optimisation:
 
     def __init__(self, model: nn.Module, config: TrainConfig, steps_per_epoch: int, step: Step) -> None:
         self.model, self.config, self.device = model, config, step.device
-        self.optimizer = make_optimizer(model, config)
-        self.schedule = make_schedule(self.optimizer, config, steps_per_epoch)
-        self.scaler = torch.amp.GradScaler(step.device.type) if step.precision == "fp16" else None
+        optimizer = make_optimizer(model, config)
+        self.updates = Updates(
+            optimizer, make_schedule(optimizer, config, steps_per_epoch),
+            torch.amp.GradScaler(step.device.type) if step.precision == "fp16" else None,
+            config.accumulate, config.clip_grad_norm,
+        )  # fmt: skip
         self.stopper = EarlyStopping(config.monitor, config.patience, config.min_delta)
         self.result = FitResult()
         self.epoch, self.global_step = 0, 0
@@ -268,9 +120,9 @@ class Optimisation:
             "in_epoch": in_epoch,
             "global_step": self.global_step,
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "optimizer": self.updates.optimizer.state_dict(),
+            "schedule": self.updates.schedule.state_dict(),
+            "scaler": self.updates.scaler.state_dict() if self.updates.scaler is not None else None,
             "stopper": {"best": self.stopper.best, "epoch": self.stopper.best_epoch, "bad": self.stopper.bad_epochs},
             "history": self.result.history,
             "ema": self.ema.state_dict() if self.ema is not None else None,
@@ -280,11 +132,11 @@ class Optimisation:
 
     def load_state_dict(self, state: dict[str, Any], batches: Sized) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        match_parameters(self.optimizer)
-        self.schedule.load_state_dict(state["schedule"])
-        if self.scaler is not None and state["scaler"] is not None:
-            self.scaler.load_state_dict(state["scaler"])
+        self.updates.optimizer.load_state_dict(state["optimizer"])
+        match_parameters(self.updates.optimizer)
+        self.updates.schedule.load_state_dict(state["schedule"])
+        if self.updates.scaler is not None and state["scaler"] is not None:
+            self.updates.scaler.load_state_dict(state["scaler"])
         self.stopper.best, self.stopper.best_epoch, self.stopper.bad_epochs = (
             state["stopper"][k] for k in ("best", "epoch", "bad")
         )
@@ -324,7 +176,7 @@ class Optimisation:
         self.result.history.append(row)
         self.epoch = epoch
         improved = self.stopper.update(value, epoch)
-        self.schedule.epoch_end(value)
+        self.updates.schedule.epoch_end(value)
         if improved and self.config.restore_best:
             chosen = self.ema.model if use_ema else self.model
             self.best_weights = {name: t.detach().to("cpu", copy=True) for name, t in chosen.state_dict().items()}
@@ -362,7 +214,7 @@ def fit(
         resumed = state["in_epoch"]
         start = state["batches"]["position"] if resumed and state["batches"] is not None else 0
         run.result.stopped_early = run.stopper.should_stop
-    mixer = batch_mixer(config.augment, num_classes)
+    objective = Objective.from_config(config, num_classes, class_weights)
     for epoch in range(run.epoch + 1, config.epochs + 1):
         if run.result.stopped_early:
             break
@@ -378,12 +230,9 @@ def fit(
                 on_checkpoint(run.state_dict(train_batches, {"totals": totals.state_dict()}))
 
         train = train_one_epoch(
-            model, train_batches, run.optimizer, run.schedule, step, config.augment, config.label_smoothing,
-            run.scaler, description=f"epoch {epoch}/{config.epochs}", progress=progress,
-            accumulate=config.accumulate, clip_grad_norm=config.clip_grad_norm,
-            start=start,
+            model, train_batches, run.updates, step, objective, description=f"epoch {epoch}/{config.epochs}",
+            progress=progress, start=start, on_step=on_step,
             totals=Totals.from_state(resumed["totals"], step.device) if resumed and rank() == 0 else None,
-            on_step=on_step, mixer=mixer, class_weights=class_weights,
         )  # fmt: skip
         resumed, start = None, 0
         val = evaluate(raw, val_batches, step, num_classes, progress)

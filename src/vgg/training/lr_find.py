@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -20,15 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from ..files import atomic_write
 from ..inference import Step
-from ..runtime import autocast
-from .augment import augment_batch
 from .config import TrainConfig
+from .epoch import Objective
 from .loop import make_optimizer
 
 
@@ -130,12 +127,13 @@ def sweep_model(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     step: Step,
     config: TrainConfig,
+    objective: Objective,
     start: float = 1e-7,
     end: float = 1.0,
     steps: int = 200,
     progress: bool = False,
 ) -> RangeTest:
-    """The range test on ``model`` with ``config``'s optimizer, loss and augmentation, one batch per rate.
+    """The range test on ``model`` with ``config``'s optimizer and the training ``objective``, one batch per rate.
 
     The model's weights, the batches' shuffling position and torch's random stream are put back afterwards, so a
     run that starts after the test is the run it would have been without it (save for the rate chosen). Batches are
@@ -147,18 +145,13 @@ def sweep_model(
     # Each parameter group keeps its share of the peak rate (a scaled-down backbone under --backbone-lr-scale).
     optimizer = make_optimizer(model, dataclasses.replace(config, lr=1.0))
     shares = [group["lr"] for group in optimizer.param_groups]
-    transform = functools.partial(augment_batch, config=config.augment) if config.augment.enabled else None
     stream = _endless(batches)
     bar = tqdm(total=steps, desc="lr-find", leave=False, disable=not progress, unit="step")
 
     def train_step(rate: float) -> float:
         for group, share in zip(optimizer.param_groups, shares, strict=True):
             group["lr"] = rate * share
-        images, labels = next(stream)
-        inputs = step.inputs(images, transform)
-        labels = labels.to(step.device)
-        with autocast(step.device, step.precision):
-            loss = F.cross_entropy(model(inputs).float(), labels, label_smoothing=config.label_smoothing)
+        loss, _, _ = objective.loss(model, *next(stream), step)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

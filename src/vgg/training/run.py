@@ -28,6 +28,7 @@ from ..scan import Sample, read_split, scan_folder, stratified_split
 from .augment import image_transform
 from .autobatch import find_batch_size
 from .config import TrainConfig
+from .epoch import Objective
 from .features import cached_fit_inputs
 from .loop import FitResult, fit
 from .lr_find import RangeTest, describe, sweep_model
@@ -149,7 +150,7 @@ def _train(
     model = model.to(device, memory_format=layout)
     if config.lr == "find":
         step = Step(device, precision, preprocessing.mean, preprocessing.std, memory_format=layout)
-        config = _find_lr(model, train_batches, step, config, world, log, progress)
+        config = _find_lr(model, train_batches, step, config, len(data.classes), world, log, progress)
     if config.compile:
         # In place: the parameter names (and so the model files and training state) stay those of the module.
         model.compile()
@@ -226,13 +227,14 @@ def _summarise(
 
 
 def _find_lr(
-    model: nn.Module, batches: Batches, step: Step, config: TrainConfig, world: World, log: Callable[[str], None],
-    progress: bool,
+    model: nn.Module, batches: Batches, step: Step, config: TrainConfig, num_classes: int, world: World,
+    log: Callable[[str], None], progress: bool,
 ) -> TrainConfig:  # fmt: skip
     """``config`` with ``lr="find"`` replaced by the range test's suggestion (written to config.json as a number)."""
     if world.distributed:
         raise UsageError("--lr find runs on one process: run `vgg lr-find` first, then torchrun ... --lr RATE.")
-    result = sweep_model(model, batches, step, config, progress=progress)
+    # Class weights (--class-weight auto) are left out: they come from the usable counts, known later in the run.
+    result = sweep_model(model, batches, step, config, Objective.from_config(config, num_classes), progress=progress)
     log(describe(result))
     if result.suggestion is None:
         raise UsageError(
@@ -276,7 +278,8 @@ def lr_find(
     model = model.to(device, memory_format=layout)
     step = Step(device, precision, preprocessing.mean, preprocessing.std, memory_format=layout)
     log(f"range test: {config.arch}, {len(data.train)} training images, batch {config.batch_size}, {config.optimizer}")
-    return sweep_model(model, train_batches, step, config, start, end, steps, progress)
+    objective = Objective.from_config(config, len(data.classes))
+    return sweep_model(model, train_batches, step, config, objective, start, end, steps, progress)
 
 
 def _calibrate_and_report(
