@@ -492,7 +492,7 @@ def test_a_packed_batch_keeps_each_jpegs_orientation_and_the_items_order():
 
 @pytest.mark.parametrize(("size", "side"), [(8, 7), (14, 7), (7, 7), (9, 13), (5, 2)])
 def test_matrix_pool_is_adaptive_average_pooling(size: int, side: int):
-    from vgg.training.run import MatrixPool
+    from vgg.models import MatrixPool
 
     x = torch.randn(2, 3, size, size + 1, dtype=torch.float64, requires_grad=True)
     reference = nn.AdaptiveAvgPool2d(side)(x)

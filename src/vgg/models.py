@@ -264,3 +264,33 @@ def build(arch: str, num_classes: int = 1000, image_size: int = 224, dropout: fl
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+class MatrixPool(nn.Module):
+    """Adaptive average pooling as two matrix products, for ``--deterministic`` on CUDA.
+
+    CUDA's adaptive average pooling has no deterministic backward pass (under ``torch.use_deterministic_algorithms``
+    the first backward would stop the run), while matrix products are deterministic once cuBLAS has a fixed
+    workspace. The windows are adaptive pooling's own; a map already of the output size passes through untouched
+    (VGG below 256 px).
+    """
+
+    def __init__(self, output_size: int | tuple[int, int]) -> None:
+        super().__init__()
+        self.output_size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+
+    @staticmethod
+    def _windows(size: int, out: int, like: torch.Tensor) -> torch.Tensor:
+        """``out`` x ``size``: row i averages input positions floor(i*size/out) to ceil((i+1)*size/out)."""
+        matrix = torch.zeros(out, size, dtype=like.dtype, device=like.device)
+        for i in range(out):
+            start, end = i * size // out, -(-(i + 1) * size // out)
+            matrix[i, start:end] = 1.0 / (end - start)
+        return matrix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (height, width), (out_h, out_w) = x.shape[-2:], self.output_size
+        if (height, width) == (out_h, out_w):
+            return x
+        rows, columns = self._windows(height, out_h, x), self._windows(width, out_w, x)
+        return torch.einsum("ih,nchw,jw->ncij", rows, x, columns)

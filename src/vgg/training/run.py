@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..batches import Batches, class_weights, limit_per_class
+from ..batches import Batches
 from ..calibration import calibrate_model_file
 from ..checkpoint import ModelInfo
 from ..distributed import World, finish
@@ -21,13 +21,12 @@ from ..distributed import setup as setup_distributed
 from ..errors import UsageError
 from ..html_report import write_report
 from ..inference import Step
-from ..models import build
+from ..models import MatrixPool, build
 from ..report import format_summary
 from ..runtime import pick_device, pick_precision, training_memory_format
-from ..scan import Sample, read_split, scan_folder, stratified_split
-from .augment import image_transform
 from .autobatch import find_batch_size
 from .config import TrainConfig
+from .data import Data, data_line, loss_weights, make_batches, read_data, usable_counts
 from .epoch import Objective
 from .features import cached_fit_inputs
 from .loop import FitResult, fit
@@ -50,36 +49,6 @@ class TrainResult:
     @property
     def history(self) -> list[dict[str, float]]:
         return self.fit.history
-
-
-@dataclass
-class Data:
-    """The images of a run: class names, training and validation samples, files skipped while scanning."""
-
-    classes: list[str]
-    train: list[Sample]
-    val: list[Sample]
-    skipped: list[tuple[str, str]]
-
-
-def imbalance_line(counts: dict[str, int], config: TrainConfig) -> str:
-    """One line on class balance: the largest/smallest ratio and what this run does about it."""
-    largest = max(counts, key=counts.__getitem__)
-    smallest = min(counts, key=counts.__getitem__)
-    ratio = counts[largest] / max(1, counts[smallest])
-    remedy = []
-    if config.class_weight == "auto":
-        remedy.append("class-weighted loss")
-    if config.sampler == "balanced":
-        remedy.append("balanced sampling")
-    if counts[largest] == counts[smallest]:
-        return f"classes are balanced ({counts[largest]} images each)"
-    line = f"imbalance: {ratio:.1f}x ({largest}: {counts[largest]}, {smallest}: {counts[smallest]})"
-    if remedy:
-        return line + "; using " + " and ".join(remedy)
-    if ratio >= 3:
-        return line + "; consider --class-weight auto or --sampler balanced"
-    return line
 
 
 def train(
@@ -159,7 +128,7 @@ def _train(
         torch.manual_seed(config.seed + world.rank)
     log(format_summary(config.arch, len(data.classes), config.image_size, config.freeze))
     counts = usable_counts(data, train_batches, config)
-    log(_data_line(config, data, counts, train_batches, device, precision, world))
+    log(data_line(config, data, counts, train_batches, device, precision, world))
     log(
         f"optimizer: {config.optimizer}, peak lr {config.peak_lr:g}, {config.warmup:g}-epoch warm-up, "
         f"{config.schedule} schedule, {config.epochs} epochs"
@@ -177,7 +146,7 @@ def _train(
         _log_resume(state, config, run_dir, len(train_batches), log)
 
     step = Step(device, precision, preprocessing.mean, preprocessing.std, memory_format=layout)
-    weights = _class_weights(config, data, counts, log)
+    weights = loss_weights(config, data, counts, log)
     trained, fit_train, fit_val, fit_step = _fit_inputs(
         model, train_batches, val_batches, step, config, world, log, progress
     )
@@ -193,18 +162,6 @@ def _train(
     if world.main:
         _calibrate_and_report(run_dir.path, Path(run_dir.best), data, device, log, progress)
     return TrainResult(run_dir.path, run_dir.best, run_dir.last, data.classes, result, skipped, model)
-
-
-def _class_weights(
-    config: TrainConfig, data: Data, counts: dict[str, int], log: Callable[[str], None]
-) -> torch.Tensor | None:
-    """``--class-weight auto``: loss weights inversely proportional to the usable images per class."""
-    if config.class_weight != "auto":
-        return None
-    labels = torch.arange(len(data.classes)).repeat_interleave(torch.tensor(list(counts.values())))
-    weights = class_weights(labels, len(data.classes))
-    log("class weights: " + ", ".join(f"{n}: {w:.2f}" for n, w in zip(data.classes, weights.tolist(), strict=True)))
-    return weights
 
 
 def _summarise(
@@ -296,19 +253,6 @@ def _calibrate_and_report(
     log(f"report: {write_report(run_dir, device=str(device), progress=progress, outputs=outputs)}")
 
 
-def _data_line(
-    config: TrainConfig, data: Data, counts: dict[str, int], batches: Batches, device: torch.device, precision: str,
-    world: World,
-) -> str:  # fmt: skip
-    return (
-        f"classes: {len(data.classes)} ({', '.join(f'{n}: {c}' for n, c in counts.items())})\n"
-        f"{imbalance_line(counts, config)}\n"
-        f"train: {len(data.train)} images ({'in memory' if batches.in_memory else 'streamed'}), "
-        f"validation: {len(data.val)} images, device: {device}, precision: {precision}"
-        + (f", {world.world_size} processes" if world.distributed else "")
-    )
-
-
 def _fit_inputs(
     model: nn.Module, train_batches: Batches, val_batches: Batches, step: Step, config: TrainConfig, world: World,
     log: Callable[[str], None], progress: bool,
@@ -330,36 +274,6 @@ def _fit_inputs(
     return model, train_batches, val_batches, step
 
 
-class MatrixPool(nn.Module):
-    """Adaptive average pooling as two matrix products, for ``--deterministic`` on CUDA.
-
-    CUDA's adaptive average pooling has no deterministic backward pass (under ``torch.use_deterministic_algorithms``
-    the first backward would stop the run), while matrix products are deterministic once cuBLAS has a fixed
-    workspace. The windows are adaptive pooling's own; a map already of the output size passes through untouched
-    (VGG below 256 px).
-    """
-
-    def __init__(self, output_size: int | tuple[int, int]) -> None:
-        super().__init__()
-        self.output_size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-
-    @staticmethod
-    def _windows(size: int, out: int, like: torch.Tensor) -> torch.Tensor:
-        """``out`` x ``size``: row i averages input positions floor(i*size/out) to ceil((i+1)*size/out)."""
-        matrix = torch.zeros(out, size, dtype=like.dtype, device=like.device)
-        for i in range(out):
-            start, end = i * size // out, -(-(i + 1) * size // out)
-            matrix[i, start:end] = 1.0 / (end - start)
-        return matrix
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (height, width), (out_h, out_w) = x.shape[-2:], self.output_size
-        if (height, width) == (out_h, out_w):
-            return x
-        rows, columns = self._windows(height, out_h, x), self._windows(width, out_w, x)
-        return torch.einsum("ih,nchw,jw->ncij", rows, x, columns)
-
-
 def _set_kernels(config: TrainConfig, device: torch.device, world: World) -> None:
     if world.distributed and config.unfreeze_at:
         # DDP registers the parameters that need gradients when it wraps the model; later unfreezing is unseen.
@@ -375,92 +289,6 @@ def _set_kernels(config: TrainConfig, device: torch.device, world: World) -> Non
     elif device.type == "cuda":
         # Input shapes are fixed for the whole run, so cuDNN's one-off search for the fastest kernels pays back.
         torch.backends.cudnn.benchmark = True
-
-
-def read_data(config: TrainConfig, saved: SavedRun | None = None, log: Callable[[str], None] = print) -> Data:
-    """Scan the dataset and split it: ``--val`` folder, ``--split`` file, or a seeded stratified split.
-
-    A resumed run (``saved``) reads its own RUN_DIR/split.csv: images added since it started are left out (a new
-    split would move validation images into training), and a dataset that moved is followed (``--data``).
-    """
-    folder = scan_folder(config.data)
-    skipped = list(folder.skipped)
-    if saved is not None:
-        if folder.classes != saved.class_names:
-            raise UsageError(
-                f"Cannot resume {config.out}: {config.data} has classes {folder.classes} but the run was trained on "
-                f"{saved.class_names}. Resume with the run's data, or start a new run with another --out."
-            )
-        train_samples, val_samples = read_split(Path(config.out) / "split.csv", folder.classes, _moved(config, saved))
-        if config.val:
-            skipped += scan_folder(config.val, classes=folder.classes).skipped
-        listed = {str(s.path) for s in (*train_samples, *val_samples)}
-        new = sum(1 for s in folder.samples if str(s.path) not in listed)
-        if new:
-            log(f"{new} images in {config.data} are not in the run's split.csv: the resumed run leaves them out")
-    elif config.val:
-        train_samples = folder.samples
-        val_folder = scan_folder(config.val, classes=folder.classes)
-        val_samples = val_folder.samples
-        skipped += val_folder.skipped
-    elif config.split:
-        train_samples, val_samples = read_split(config.split, folder.classes)
-    else:
-        train_samples, val_samples = stratified_split(folder, config.val_fraction, config.seed)
-    if config.max_per_class:
-        train_samples = limit_per_class(train_samples, config.max_per_class, config.seed)
-        val_samples = limit_per_class(val_samples, max(1, round(config.max_per_class * config.val_fraction)))
-    return Data(folder.classes, train_samples, val_samples, skipped)
-
-
-def _moved(config: TrainConfig, saved: SavedRun) -> dict[str, str]:
-    """Old data folder -> new one, when a resume names another folder than the run was started with."""
-    moved = {}
-    for key in ("data", "val"):
-        old, new = saved.settings.get(key), getattr(config, key)
-        if isinstance(old, str) and old and new and Path(old) != Path(new):
-            moved[str(Path(old))] = str(Path(new))
-    return moved
-
-
-def make_batches(
-    config: TrainConfig, data: Data, device: torch.device, world: World, progress: bool = False
-) -> tuple[Batches, Batches]:
-    """Training batches (shuffled, augmented per image if asked) and validation batches, sharded under DDP.
-
-    ``progress``: a bar over the one-time decoding pass of datasets small enough to keep in memory.
-    """
-    pin = device.type == "cuda"
-    decode_device = device if config.decode == "device" or (config.decode == "auto" and device.type == "cuda") else None
-    common = dict(
-        workers=config.workers, cache=config.cache, pin_memory=pin, rank=world.rank, world_size=world.world_size,
-        decode_device=decode_device, progress=progress,
-    )  # fmt: skip
-    train_batches = Batches(
-        data.train, config.image_size, config.batch_size, shuffle=True, seed=config.seed, drop_last=True,
-        transform=image_transform(config.augment), sampler=config.sampler, **common,
-    )  # fmt: skip
-    val_batches = Batches(data.val, config.image_size, max(config.batch_size, 128), shuffle=False, **common)
-    return train_batches, val_batches
-
-
-def usable_counts(data: Data, train_batches: Batches, config: TrainConfig) -> dict[str, int]:
-    """Training images per class; what decoded, not what was listed, when they are in memory.
-
-    Raises:
-        UsageError: a class has no readable training image (it could not be learned).
-    """
-    counts = {name: sum(1 for s in data.train if s.label == i) for i, name in enumerate(data.classes)}
-    if train_batches.in_memory:
-        decoded = torch.bincount(train_batches.labels, minlength=len(data.classes)).tolist()
-        counts = dict(zip(data.classes, decoded, strict=True))
-    unusable = [name for name, n in counts.items() if n == 0]
-    if unusable:
-        raise UsageError(
-            f"Class {unusable[0]!r} has no usable training images: every file failed to decode (see the warnings "
-            f"above). Expected at least one readable image per class in {config.data}/{unusable[0]}/."
-        )
-    return counts
 
 
 def _log_resume(state: dict, config: TrainConfig, run_dir: RunDir, batches: int, log: Callable[[str], None]) -> None:
