@@ -18,9 +18,10 @@ from pathlib import Path
 
 from bench_speed import RESULTS, append_to_section, commit, machine
 
-from vgg.cli import build_parser, train_config
+from vgg.cli import build_parser
 from vgg.datasets import fashion_mnist
 from vgg.predict import load
+from vgg.training.flags import train_config
 from vgg.training.run import train
 
 ACCURACY_SECTION = "Accuracy on Fashion-MNIST (`make accuracy`)"

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 from . import __version__
 from .errors import UsageError
-
-if TYPE_CHECKING:
-    from .training.config import TrainConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,29 +26,6 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}")
     return value
-
-
-def _batch_size(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', received {text!r}") from None
-
-
-def _number_or(kind: type, words: tuple[str, ...]) -> Callable[[str], float | str]:
-    """An argparse type for a number that may also be one of a few words (``--lr find``)."""
-
-    def parse(text: str) -> float | str:
-        if text in words:
-            return text
-        try:
-            return kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number or {' or '.join(words)}, received {text!r}") from None
-
-    return parse
 
 
 def _add_summary(commands: argparse._SubParsersAction) -> None:
@@ -75,7 +47,7 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _add_train(commands: argparse._SubParsersAction, flags: bool = True) -> None:
-    """``vgg train``; its setting flags come from the config declarations (``training/config.py``).
+    """``vgg train``; its setting flags come from the config declarations (``training/flags.py``).
 
     ``flags=False`` registers the command alone, so that other commands never import the training package.
     """
@@ -83,8 +55,10 @@ def _add_train(commands: argparse._SubParsersAction, flags: bool = True) -> None
     p.set_defaults(run=_train)
     if not flags:
         return
+    from .training.flags import add_settings
+
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its state.pt, exactly")
-    _add_train_settings(p)
+    add_settings(p)
 
 
 def _add_lr_find(commands: argparse._SubParsersAction, flags: bool = True) -> None:
@@ -101,10 +75,13 @@ def _add_lr_find(commands: argparse._SubParsersAction, flags: bool = True) -> No
     g.add_argument("--steps", type=int, default=200, help="optimizer steps (one batch each); default 200")
     g.add_argument("--plot", default="lr-find.png", help="where to draw the loss curve (PNG); default lr-find.png")
     g.add_argument("--json", action="store_true", help="print the rates, losses and suggestion as JSON")
-    _add_train_settings(p)
+    from .training.flags import add_settings
+
+    add_settings(p)
 
 
 def _lr_find(args: argparse.Namespace) -> int:
+    from .training.flags import train_config
     from .training.lr_find import describe, plot
     from .training.run import lr_find
 
@@ -120,72 +97,9 @@ def _lr_find(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train_settings(p: argparse.ArgumentParser) -> None:
-    """The settings of a training run, as flags (from ``TrainConfig``'s declarations)."""
-    from .training.augment import AugmentConfig
-    from .training.config import TrainConfig
-    from .training.settings import declared
-
-    p.add_argument("--config", help="a .toml or .json file of settings; flags override it")
-    p.add_argument("--recipe", help="default (learns) or tutorial (Adam 1e-3, no augmentation)")
-    for f in declared(TrainConfig):
-        _add_setting(p, TrainConfig, f)
-    group = p.add_argument_group("augmentation (training images only)")
-    for f in declared(AugmentConfig):
-        _add_setting(group, AugmentConfig, f)
-
-
-def _add_setting(parser: argparse._ActionsContainer, config_type: type, f: dataclasses.Field) -> None:
-    from .training.settings import kinds
-
-    plain, options = kinds(config_type, f.name)
-    text = f.metadata["help"]
-    if options and not any(k in (int, float) for k in plain):
-        text += f" ({', '.join(options)})"
-    if f.default is not None and f.default != "":
-        text += f"; default {'on' if f.default is True else 'off' if f.default is False else f.default}"
-    if f.name == "data":
-        parser.add_argument("data", nargs="?", help=text)
-        return
-    flag = "--" + (f.metadata["flag"] or f.name).replace("_", "-")
-    if bool in plain:
-        parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=text)
-        return
-    kind = int if int in plain else float if float in plain else str
-    if f.name == "batch_size":
-        kind = _batch_size
-    elif options and kind is not str:
-        kind = _number_or(kind, options)
-    parser.add_argument(flag, dest=f.name, type=kind, help=text, metavar=flag[2:].replace("-", "_").upper())
-
-
-def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The resolved training configuration for parsed ``vgg train`` arguments."""
-    from .training.augment import AugmentConfig
-    from .training.config import TrainConfig, resolve
-    from .training.settings import declared
-    from .training.state import resume_config
-
-    augment = {f.name: getattr(args, f.name) for f in declared(AugmentConfig)}
-    flags = {f.name: getattr(args, f.name) for f in declared(TrainConfig)}
-    if args.resume:
-        if args.overwrite:
-            raise UsageError(
-                f"--resume continues the run in {args.resume} and --overwrite replaces it with a new one: pass one."
-            )
-        if args.config or args.recipe:
-            raise UsageError(
-                f"--resume takes its settings from {args.resume}/config.json; drop --config/--recipe "
-                "(flags like --epochs or --device may still be given)."
-            )
-        return resume_config(args.resume, {**flags, "augment": augment})
-    if not args.data:
-        raise UsageError("vgg train: the following arguments are required: data (or --resume RUN_DIR)")
-    return resolve(args.recipe or "default", args.config, augment=augment, **flags)
-
-
 def _train(args: argparse.Namespace) -> int:
     from .distributed import from_env
+    from .training.flags import train_config
     from .training.run import train
 
     config = train_config(args)
