@@ -23,7 +23,8 @@ from vgg.checkpoint import ModelInfo, save_model
 from vgg.cli import main
 from vgg.errors import UsageError
 from vgg.models import build
-from vgg.scan import _cache_file, index_folder, read_split, scan_folder
+from vgg.scan import _cache_file, index_folder, scan_folder
+from vgg.splits import read_split
 
 
 def _one_error_line(capsys, pattern: str) -> str:

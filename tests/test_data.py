@@ -15,7 +15,8 @@ from vgg.batches import Batches, class_weights
 from vgg.cli import main
 from vgg.decoding import decode
 from vgg.errors import UsageError
-from vgg.scan import read_split, scan_folder, stratified_split, write_split
+from vgg.scan import scan_folder
+from vgg.splits import read_split, stratified_split, write_split
 from vgg.training.config import resolve
 from vgg.training.run import train
 

@@ -26,7 +26,7 @@ from conftest import COLOURS, write_images
 from vgg.checkpoint import read_info
 from vgg.cli import main
 from vgg.errors import UsageError
-from vgg.scan import read_split
+from vgg.splits import read_split
 from vgg.training.state import fingerprint, read_run, resume_config
 
 SEED = int(os.environ.get("VGG_FUZZ_SEED", "13"))

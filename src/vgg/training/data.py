@@ -12,7 +12,8 @@ import torch
 from ..batches import Batches, class_weights, limit_per_class
 from ..distributed import World
 from ..errors import UsageError
-from ..scan import Sample, read_split, scan_folder, stratified_split
+from ..scan import Sample, scan_folder
+from ..splits import read_split, stratified_split
 from .augment import image_transform
 from .config import TrainConfig
 from .state import SavedRun

@@ -37,7 +37,8 @@ from ..distributed import World, from_main
 from ..errors import UsageError
 from ..files import DiskFull, file_mode, remove_stale_temps, write_csv, write_json
 from ..report import plot_curves, write_history
-from ..scan import Sample, write_split
+from ..scan import Sample
+from ..splits import write_split
 from .config import TrainConfig, to_dict
 from .state import STATE_FILE, fingerprint, save_state, split_digest
 
