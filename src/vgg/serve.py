@@ -13,17 +13,15 @@ Safety: binds to 127.0.0.1 unless told otherwise; limits on body bytes, files pe
 image; a bearer token (``--token`` or ``VGG_SERVE_TOKEN``) on every route but ``/health`` and the page itself;
 CORS off unless ``--cors-origin``; a per-client request budget (429 beyond it).
 
-The CPU backend was chosen by measurement: see benchmarks/RESULTS.md ("Serving").
+What runs the model is ``backends.py``; its CPU default was chosen by measurement (benchmarks/RESULTS.md, "Serving").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import importlib.resources
-import importlib.util
 import io
 import logging
 import os
@@ -40,15 +38,13 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import ModelInfo
+from .backends import BACKENDS, Backend, make_backend
 from .decode_pool import DecodeError, DecoderCrashed, DecoderPool, Limits
 from .errors import UsageError
 from .explain import explain
-from .export import export, info_from_metadata, onnx_session, read_onnx_metadata
 from .httpkit import DRAIN_FACTOR, BodyLimit, Metrics, RateLimiter, body_too_large
 from .microbatch import Busy, MicroBatcher
 from .predict import Prediction, load
-from .runtime import pick_device
 
 try:
     from fastapi import FastAPI, Query, Request
@@ -61,11 +57,6 @@ except ImportError as error:  # the serve extra is optional
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnxruntime")
-# What `auto` means on a CPU: onnxruntime ran VGG11 at 32 px 3-19x faster than PyTorch's default (2 threads, bf16
-# or fp32) at batch 1-32 on a busy 2-core CPU, and as fast as PyTorch on one thread (benchmarks/RESULTS.md,
-# "Serving"). PyTorch where onnxruntime is not installed.
-CPU_BACKEND = "onnxruntime"
 TOKEN_ENV = "VGG_SERVE_TOKEN"
 ERROR_HEADER = "x-vgg-error"  # how an error's kind reaches the metrics middleware from the exception handler
 OPEN_PATHS = frozenset({"/health", "/"})  # the page is static; it sends the token with its own requests
@@ -113,67 +104,6 @@ class ApiError(Exception):
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
-
-
-class Backend:
-    """Runs the model on a batch of uint8 N x 3 x S x S images and returns N x C float probabilities."""
-
-    name: str
-    info: ModelInfo
-    details: dict[str, Any]
-    run: Callable[[torch.Tensor], np.ndarray]
-
-
-def make_backend(model: str, backend: str, device: str) -> Backend:
-    """``torch``: ``vgg.load`` (what ``vgg predict`` runs); ``onnxruntime``: an ONNX file, exported if need be."""
-    if backend not in BACKENDS:
-        raise UsageError(f"backend must be one of {', '.join(BACKENDS)}. Received: backend={backend!r}.")
-    is_onnx = str(model).endswith(".onnx")
-    if backend == "auto":
-        if is_onnx:
-            backend = "onnxruntime"
-        elif pick_device(device).type == "cuda" or importlib.util.find_spec("onnxruntime") is None:
-            backend = "torch"
-        else:
-            backend = CPU_BACKEND
-    if is_onnx and backend == "torch":
-        raise UsageError(f"{model} is an ONNX file: serve it with --backend onnxruntime (or give a .safetensors).")
-    result = Backend()
-    result.name = backend
-    if backend == "torch":
-        classifier = load(model, device=device)
-        result.info = classifier.info
-        result.details = {"device": str(classifier.device), "precision": classifier.step.precision}
-        result.run = lambda images: classifier.probabilities(images).numpy()
-        return result
-    path = Path(model) if is_onnx else _onnx_for(model)
-    result.info = info_from_metadata(read_onnx_metadata(path))
-    session = onnx_session(path)
-    result.details = {"device": "cpu", "precision": "fp32", "onnx_file": str(path)}
-    result.run = lambda images: session.run(None, {"image": images.float().div(255).numpy()})[0]
-    return result
-
-
-def _onnx_for(model: str) -> Path:
-    """The ONNX export of a model file, made on first use and kept in the cache folder, keyed by its content."""
-    if str(model).startswith("imagenet:"):
-        key = str(model).replace(":", "-")
-    else:
-        if not Path(model).is_file():
-            raise UsageError(f"Model file not found: {model}. Expected a .safetensors file written by `vgg train`.")
-        digest = hashlib.sha256()
-        with open(model, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        key = digest.hexdigest()[:32]
-    path = Path(os.environ.get("VGG_CACHE_DIR") or Path.home() / ".cache" / "vgg") / "onnx" / f"{key}.onnx"
-    if not path.is_file():
-        log.warning("vgg serve: exporting %s to ONNX for onnxruntime, once (kept as %s)", model, path)
-        result = export(model, "onnx", out=path)
-        if not result.ok:
-            path.unlink(missing_ok=True)
-            raise RuntimeError(f"the ONNX export of {model} does not match PyTorch: {result.summary()}")
-    return path
 
 
 def predictions(probabilities: np.ndarray, names: list[str], class_names: list[str], top_k: int) -> list[dict]:
