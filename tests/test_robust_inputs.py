@@ -150,7 +150,7 @@ def test_a_loader_worker_killed_by_a_decoder_costs_one_file(tmp_path: Path, monk
 
     The workers fork from this process, so they decode with the patched (crashing) decoder: the crash is real.
     """
-    from vgg import batches
+    from vgg import batches, loading
 
     data = write_images(tmp_path / "data", {k: COLOURS[k] for k in ("cat", "dog")}, per_class=5)
     (data / "cat" / "killer.png").write_bytes(crashing_png())
@@ -159,18 +159,18 @@ def test_a_loader_worker_killed_by_a_decoder_costs_one_file(tmp_path: Path, monk
     loaded = batches.Batches(samples, 32, batch_size=4, shuffle=True, workers=2, cache=cache)
     seen = sum(len(labels) for _, labels in loaded)
     assert seen == 10
-    assert [(Path(path).name, reason) for path, reason in loaded.skipped] == [("killer.png", batches.CRASHED)]
+    assert [(Path(path).name, reason) for path, reason in loaded.skipped] == [("killer.png", loading.CRASHED)]
 
 
 def test_evaluate_survives_a_loader_worker_killed_by_a_decoder(tmp_path: Path, monkeypatch, model_file: Path):
     import vgg
-    from vgg import batches
+    from vgg import loading
 
     data = write_images(tmp_path / "data", {k: COLOURS[k] for k in ("cat", "dog")}, per_class=3)
     (data / "dog" / "killer.png").write_bytes(crashing_png())
-    monkeypatch.setattr(batches, "decode", _native_decode)
+    monkeypatch.setattr(loading, "decode", _native_decode)
     result = vgg.load(model_file, device="cpu").evaluate(data, batch_size=2, workers=2)
-    assert [(Path(s["path"]).name, s["reason"]) for s in result["skipped"]] == [("killer.png", batches.CRASHED)]
+    assert [(Path(s["path"]).name, s["reason"]) for s in result["skipped"]] == [("killer.png", loading.CRASHED)]
     assert sum(sum(row) for row in result["confusion"]) == 6
 
 

@@ -1,4 +1,4 @@
-"""Batching decoded images for training and evaluation.
+"""Batching decoded images for training and validation (evaluation and prediction read through ``loading.py``).
 
 Images are decoded once to ``image_size`` x ``image_size`` uint8 tensors (squashed, as the tutorial's
 ``target_size`` does) and either kept in memory, when they fit, or decoded again by loader workers every epoch.
@@ -9,11 +9,9 @@ Batch augmentation (random erasing included) happens in the training loop, where
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,19 +20,13 @@ from tqdm import tqdm
 
 from .decoding import Fallbacks, Packed, assemble, decode, read_jpeg
 from .errors import UsageError
-from .isolation import map_isolated
+from .loading import collate, default_workers, isolated_rows, surviving
 from .scan import Sample
 
 log = logging.getLogger(__name__)
 
 # Decoded datasets up to this size stay in memory as uint8 (60,000 images at 32 px take 184 MB).
 RAM_CACHE_LIMIT = 4 * 1024**3
-
-# torch raises a dead loader worker's error from a SIGCHLD handler, wherever this process happens to be (in the middle
-# of a training step). Marked as installed, the handler never is: the loader then finds a dead worker itself while it
-# waits for a batch (within torch's 5 s status interval) and raises there, inside ``_surviving``, which recovers.
-if hasattr(torch.utils.data._utils.signal_handling, "_SIGCHLD_handler_set"):
-    torch.utils.data._utils.signal_handling._SIGCHLD_handler_set = True
 
 
 def limit_per_class(samples: list[Sample], limit: int, seed: int = 0) -> list[Sample]:
@@ -83,9 +75,6 @@ class DecodedImages(Dataset):
         return image, sample.label, str(sample.path), ""
 
 
-CRASHED = "decoder crashed (the process decoding this file died)"
-
-
 def _decode_alone(item: tuple[str, int]) -> torch.Tensor | str:
     """One file decoded in an isolated process (``isolation.map_isolated``): the image, or the reason it is bad."""
     path, image_size = item
@@ -95,64 +84,8 @@ def _decode_alone(item: tuple[str, int]) -> torch.Tensor | str:
         return str(error)
 
 
-def _worker_died(error: BaseException) -> bool:
-    """Whether a DataLoader error says that a worker process died (killed by a signal, or exited)."""
-    text = str(error)
-    return "DataLoader worker" in text and ("exited unexpectedly" in text or "killed by signal" in text)
-
-
-def _surviving(
-    make_loader: Callable[[list[list[int]]], DataLoader],
-    batches: list[list[int]],
-    workers: int,
-    isolated_batch: Callable[[list[int]], tuple],
-) -> Iterator[tuple[bool, tuple]]:
-    """``(isolated, loader batch)`` for each batch, in order, even when a native decoder kills a loader worker.
-
-    Then the loader raises; the batch it was waiting for is decoded file by file in isolated processes
-    (``isolated_batch``, with ``isolation.map_isolated``: the file that kills its process again is skipped as
-    "decoder crashed") and a new loader carries on after it. Each crash costs one batch decoded this way, so a crash
-    in a batch further on (workers prefetch) is reached after a few restarts. With ``workers=0`` decoding runs in
-    this process and nothing can be isolated. vgg decodes no format with a known crashing decoder (``decoding.py``):
-    this is the second line of defence.
-    """
-    done = 0
-    while done < len(batches):
-        try:
-            for batch in make_loader(batches[done:]):
-                done += 1
-                yield False, batch
-            return
-        except RuntimeError as error:
-            if workers == 0 or not _worker_died(error):
-                raise
-            log.warning("a loader worker died (%s): decoding its batch file by file in isolated processes", error)
-            yield True, isolated_batch(batches[done])
-            done += 1
-
-
-def _isolated_rows(
-    files: list[tuple[str, int]], decode_one: Callable[[tuple], torch.Tensor | str], items: list, workers: int
-) -> list[tuple[torch.Tensor | None, int, str, str]]:
-    """``(image, label, path, reason)`` rows, each file decoded in a process of its own that may die."""
-    decoded = map_isolated(decode_one, items, max(1, workers), lambda item: CRASHED, chunk=1)
-    return [
-        (result, label, path, "") if isinstance(result, torch.Tensor) else (None, label, path, result)
-        for (path, label), result in zip(files, decoded, strict=True)
-    ]
-
-
-def _collate(items: list[tuple[torch.Tensor | None, int, str, str]]) -> tuple[torch.Tensor, torch.Tensor, list]:
-    good = [(image, label) for image, label, _, _ in items if image is not None]
-    bad = [(path, reason) for image, _, path, reason in items if image is None]
-    if not good:
-        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), bad
-    images = torch.stack([image for image, _ in good])
-    return images, torch.tensor([label for _, label in good]), bad
-
-
 def _collate_mixed(items: list) -> tuple[Packed, torch.Tensor, list, list[str]]:
-    """Like ``_collate``, but for decoded tensors and ``Encoded`` bytes, packed into a few tensors, with their paths.
+    """Like ``loading.collate``, but for decoded tensors and ``Encoded`` bytes packed into a few tensors, with paths.
 
     Packed, a batch crosses from a loader worker as five shared-memory descriptors whatever its size (one per image
     ran out of file descriptors at large batches: ``decoding.Packed``).
@@ -161,79 +94,6 @@ def _collate_mixed(items: list) -> tuple[Packed, torch.Tensor, list, list[str]]:
     bad = [(path, reason) for image, _, path, reason in items if image is None]
     labels = torch.tensor([label for _, label, _ in good], dtype=torch.long)
     return Packed.pack([image for image, _, _ in good]), labels, bad, [path for _, _, path in good]
-
-
-class FittedImages(Dataset):
-    """Files decoded at full size, then brought to the model's input by ``fit`` (its own resizing rule).
-
-    What evaluation and prediction read: a bad file yields ``None`` with its reason instead of raising.
-    """
-
-    def __init__(self, samples: Sequence[tuple[str | Path, int]], fit: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.samples, self.fit = list(samples), fit
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str, str]:
-        path, label = self.samples[index]
-        try:
-            return self.fit(decode(path)), label, str(path), ""
-        except (OSError, ValueError) as error:
-            return None, label, str(path), str(error)
-
-
-def _collate_with_paths(items: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]], list[str]]:
-    """``_collate`` plus the paths of the images that decoded, in batch order."""
-    images, labels, bad = _collate(items)
-    return images, labels, bad, [path for image, _, path, _ in items if image is not None]
-
-
-def _fitted_alone(item: tuple[str, Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor | str:
-    """One file decoded and fitted in an isolated process: the image, or the reason it is bad."""
-    path, fit = item
-    try:
-        return fit(decode(path))
-    except (OSError, ValueError) as error:
-        return str(error)
-
-
-class FittedBatches:
-    """Batches ``(images, labels, bad, paths)`` of ``FittedImages`` in sample order, decoded by loader workers; a
-    worker killed by a native decoder costs the file that killed it (``_surviving``), not the evaluation."""
-
-    def __init__(self, samples: Sequence[tuple[str | Path, int]], fit: Callable, batch_size: int, workers: int):
-        self.samples, self.fit, self.batch_size, self.workers = list(samples), fit, batch_size, workers
-        self.dataset = FittedImages(self.samples, fit)
-
-    def __len__(self) -> int:
-        return -(-len(self.samples) // self.batch_size)
-
-    def _loader(self, batches: list[list[int]]) -> DataLoader:
-        return DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers, collate_fn=_collate_with_paths)
-
-    def _isolated(self, indices: list[int]) -> tuple:
-        files = [(str(self.samples[i][0]), self.samples[i][1]) for i in indices]
-        rows = _isolated_rows(files, _fitted_alone, [(path, self.fit) for path, _ in files], self.workers)
-        return _collate_with_paths(rows)
-
-    def __iter__(self) -> Iterator[tuple]:
-        n = len(self.samples)
-        batches = [list(range(i, min(i + self.batch_size, n))) for i in range(0, n, self.batch_size)]
-        for _, batch in _surviving(self._loader, batches, self.workers, self._isolated):
-            yield batch
-
-
-def fitted_batches(
-    samples: Sequence[tuple[str | Path, int]],
-    fit: Callable[[torch.Tensor], torch.Tensor],
-    batch_size: int,
-    workers: int | None = None,
-) -> FittedBatches:
-    """Batches ``(images, labels, bad, paths)`` of ``FittedImages`` in sample order, decoded by loader workers."""
-    if batch_size < 1:
-        raise UsageError(f"batch_size must be a positive integer. Received: batch_size={batch_size}.")
-    return FittedBatches(samples, fit, batch_size, default_workers() if workers is None else workers)
 
 
 SAMPLERS = ("shuffle", "balanced")
@@ -249,10 +109,6 @@ def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Loss weights inversely proportional to class frequency, averaging 1 over the samples (sklearn's "balanced")."""
     counts = torch.bincount(labels, minlength=num_classes).float()
     return len(labels) / (num_classes * counts.clamp(min=1))
-
-
-def default_workers() -> int:
-    return min(8, len(os.sched_getaffinity(0)))
 
 
 class Resumable:
@@ -356,7 +212,7 @@ class Batches(Resumable):
             DecodedImages(self.samples, self.image_size, transform, jpeg_bytes=raw),
             batch_sampler=batches,
             num_workers=self.workers,
-            collate_fn=_collate_mixed if raw else _collate,
+            collate_fn=_collate_mixed if raw else collate,
             generator=self.generator,
             pin_memory=self.pin_memory,
             persistent_workers=False,
@@ -365,16 +221,16 @@ class Batches(Resumable):
     def _surviving(
         self, batches: list[list[int]], transform: Callable | None = None, raw: bool = False
     ) -> Iterator[tuple[bool, tuple]]:
-        """``_surviving`` over this dataset's loader: a batch decoded in isolation is ``_collate``'s, transformed."""
+        """``loading.surviving`` over this dataset's loader; a batch decoded in isolation is collated, transformed."""
 
         def isolated(indices: list[int]) -> tuple:
             files = [(str(self.samples[i].path), self.samples[i].label) for i in indices]
-            rows = _isolated_rows(files, _decode_alone, [(path, self.image_size) for path, _ in files], self.workers)
+            rows = isolated_rows(files, _decode_alone, [(path, self.image_size) for path, _ in files], self.workers)
             if transform is not None:
                 rows = [(transform(image) if image is not None else None, *rest) for image, *rest in rows]
-            return _collate(rows)
+            return collate(rows)
 
-        return _surviving(lambda todo: self._loader(todo, transform, raw=raw), batches, self.workers, isolated)
+        return surviving(lambda todo: self._loader(todo, transform, raw=raw), batches, self.workers, isolated)
 
     def _decode_all(self, progress: bool = False) -> None:
         images, labels = [], []

@@ -19,9 +19,9 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from .batches import default_workers
 from .decoding import decode_bytes
 from .isolation import map_isolated
+from .loading import default_workers
 from .scan import class_folders, index_folder, read_regular
 
 # Classes this many times larger than the smallest one are reported: plain training then mostly learns the big ones.

@@ -17,10 +17,10 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
-from .batches import fitted_batches
 from .checkpoint import ModelInfo
 from .files import atomic_write, write_csv, write_json
 from .inference import Step, fit_to_model
+from .loading import fitted_batches
 from .metrics import apply_temperature, expected_calibration_error, misclassified, reliability, summarize
 
 
