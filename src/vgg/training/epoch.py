@@ -73,6 +73,10 @@ class Objective:
     mixer: Mixer | None = None
     class_weights: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        # Built once, not per batch: the loss below runs on every training step.
+        self._transform = functools.partial(augment_batch, config=self.augment) if self.augment.enabled else None
+
     @classmethod
     def from_config(cls, config: TrainConfig, num_classes: int, class_weights: torch.Tensor | None = None) -> Objective:
         return cls(config.augment, config.label_smoothing, batch_mixer(config.augment, num_classes), class_weights)
@@ -81,8 +85,7 @@ class Objective:
         self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, step: Step
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch's mean loss, the logits and the labels, both on the device (the labels as given, not mixed)."""
-        transform = functools.partial(augment_batch, config=self.augment) if self.augment.enabled else None
-        inputs = step.inputs(images, transform)
+        inputs = step.inputs(images, self._transform)
         labels = labels.to(step.device, non_blocking=True)
         targets = labels
         if self.mixer is not None:
