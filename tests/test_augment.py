@@ -120,3 +120,4 @@ def test_feature_cache_is_refused_when_presets_change_images_every_epoch():
         assert "per-image augmentation policy" in cache_blocker(resolve(freeze="features", augment=still | changes))
     assert "augmentation is on" in cache_blocker(resolve(freeze="features", augment=still | {"erasing": 0.5}))
     assert "--sampler balanced" in cache_blocker(resolve(freeze="features", sampler="balanced", augment=still))
+    assert "--tta validates on mirrored images" in cache_blocker(resolve(freeze="features", tta=True, augment=still))

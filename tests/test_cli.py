@@ -7,8 +7,10 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import small_run
+from conftest import COLOURS, small_run, write_images
+from PIL import Image
 from test_datasets import fake_fashion_mnist
 
 import vgg
@@ -109,6 +111,25 @@ def test_tta_flag_reaches_evaluate_and_predict(trained: Path, two_class_dir: Pat
     probability = {t["label"]: t["probability"] for t in json.loads(out)[0]["top_k"]}
     expected = vgg.load(model, device="cpu", tta=True).probabilities([image])[0]
     assert [probability["cat"], probability["dog"]] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_train_tta_validates_as_evaluate_tta_scores(two_class_dir: Path, tmp_path: Path, capsys):
+    val = write_images(tmp_path / "val", {k: COLOURS[k] for k in ("cat", "dog")}, per_class=5, seed=1)
+    for path in val.rglob("*.*"):  # the left third dark: the mirror image looks different to the model
+        pixels = np.array(Image.open(path).convert("RGB"))
+        pixels[:, : pixels.shape[1] // 3] //= 4
+        Image.fromarray(pixels).save(path)
+    argv = ["train", two_class_dir, "--val", val, "--out", tmp_path / "r", "--epochs", "1", "--precision", "fp32"]
+    code, out, _ = run(capsys, *argv, "--tta", *TINY)
+    assert code == 0 and "(flip-averaged: evaluate and predict with --tta to match)" in out
+    (row,) = csv.DictReader(open(tmp_path / "r" / "history.csv"))
+    model = tmp_path / "r" / "best.safetensors"
+    mirrored = vgg.load(model, device="cpu", precision="fp32", tta=True).evaluate(val)
+    plain = vgg.load(model, device="cpu", precision="fp32").evaluate(val)
+    assert float(row["val_loss"]) == pytest.approx(mirrored["loss"], rel=1e-6)
+    assert float(row["val_accuracy"]) == mirrored["accuracy"]
+    # the images are not mirror-symmetric: the two scores differ, so the history shows the flip-averaged one
+    assert plain["loss"] != pytest.approx(mirrored["loss"], rel=1e-4)
 
 
 def test_datasets_fashion_mnist_from_idx_files(tmp_path: Path, capsys):

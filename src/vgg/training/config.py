@@ -87,6 +87,11 @@ class TrainConfig:
         "val_accuracy", "the metric that picks the best model and drives early stopping"
     )
     min_delta: float = setting(0.0, "smallest change of --monitor that counts as improvement", low=0)
+    tta: bool = setting(
+        False,
+        "validate as `vgg evaluate --tta` scores: each image also mirrored left-right, the two averaged (the "
+        "best model is picked on that; only where mirroring keeps the class)",
+    )
     restore_best: bool = setting(False, "end with the best epoch's weights instead of the last")
     val_fraction: float = setting(0.2, "validation share when --val is not given", low=0, high=1)
     max_per_class: int | None = setting(None, "use at most this many training images per class", low=1)

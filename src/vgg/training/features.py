@@ -90,6 +90,8 @@ def cache_blocker(config: TrainConfig) -> str | None:
         return "--no-cache-features was given"
     if config.ema:
         return "--ema averages the whole model"
+    if config.tta:
+        return "--tta validates on mirrored images, not on their cached features"
     return None
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sized
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -215,6 +215,8 @@ def fit(
         start = state["batches"]["position"] if resumed and state["batches"] is not None else 0
         run.result.stopped_early = run.stopper.should_stop
     objective = Objective.from_config(config, num_classes, class_weights)
+    # --tta: validation scores the flip-averaged predictions, as `vgg evaluate --tta` does; training is unchanged.
+    val_step = replace(step, tta=True) if config.tta else step
     for epoch in range(run.epoch + 1, config.epochs + 1):
         if run.result.stopped_early:
             break
@@ -235,8 +237,8 @@ def fit(
             totals=Totals.from_state(resumed["totals"], step.device) if resumed and rank() == 0 else None,
         )  # fmt: skip
         resumed, start = None, 0
-        val = evaluate(raw, val_batches, step, num_classes, progress)
-        ema_val = evaluate(run.ema.model, val_batches, step, num_classes) if run.ema is not None else None
+        val = evaluate(raw, val_batches, val_step, num_classes, progress)
+        ema_val = evaluate(run.ema.model, val_batches, val_step, num_classes) if run.ema is not None else None
         improved, use_ema = run.record(epoch, train, val, time.perf_counter() - started, ema_val)
         if on_epoch_end is not None:
             on_epoch_end(run.result.history, improved, run.ema.model if use_ema else raw)

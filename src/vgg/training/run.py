@@ -179,7 +179,10 @@ def _summarise(
         if part.fallbacks.counts:
             log(f"{name} {part.fallbacks.summary()}")
     if result.best_value is not None:
-        log(f"best {config.monitor} {result.best_value:.4f} at epoch {result.best_epoch}; model: {run_dir.best}")
+        flipped = config.tta and config.monitor.startswith("val_")
+        scored = " (flip-averaged: evaluate and predict with --tta to match)" if flipped else ""
+        best = f"{result.best_value:.4f}{scored} at epoch {result.best_epoch}"
+        log(f"best {config.monitor} {best}; model: {run_dir.best}")
     return skipped
 
 
