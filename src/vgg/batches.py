@@ -12,15 +12,16 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .decoding import Fallbacks, Packed, assemble, decode, read_jpeg
 from .errors import UsageError
-from .loading import collate, default_workers, isolated_rows, surviving
+from .loading import ImageFiles, collate, default_workers, isolated_rows, surviving
 from .scan import Sample
 
 log = logging.getLogger(__name__)
@@ -41,47 +42,6 @@ def limit_per_class(samples: list[Sample], limit: int, seed: int = 0) -> list[Sa
             kept[s.label] += 1
             out.append(s)
     return sorted(out, key=lambda s: (s.label, str(s.path)))
-
-
-class DecodedImages(Dataset):
-    """Decodes samples on access; a bad file yields ``None`` with its reason instead of raising.
-
-    With ``jpeg_bytes``, plain JPEGs are only read (``Encoded``), to be decoded a batch at a time elsewhere.
-    """
-
-    def __init__(
-        self,
-        samples: Sequence[Sample],
-        image_size: int,
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        jpeg_bytes: bool = False,
-    ) -> None:
-        self.samples = list(samples)
-        self.image_size = image_size
-        self.transform = transform
-        self.jpeg_bytes = jpeg_bytes
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str, str]:
-        sample = self.samples[index]
-        try:
-            image = read_jpeg(sample.path, self.image_size) if self.jpeg_bytes else decode(sample.path, self.image_size)
-        except (OSError, ValueError) as error:
-            return None, sample.label, str(sample.path), str(error)
-        if self.transform is not None:  # never with jpeg_bytes: Batches keeps those apart
-            image = self.transform(image)
-        return image, sample.label, str(sample.path), ""
-
-
-def _decode_alone(item: tuple[str, int]) -> torch.Tensor | str:
-    """One file decoded in an isolated process (``isolation.map_isolated``): the image, or the reason it is bad."""
-    path, image_size = item
-    try:
-        return decode(path, image_size)
-    except (OSError, ValueError) as error:
-        return str(error)
 
 
 def _collate_mixed(items: list) -> tuple[Packed, torch.Tensor, list, list[str]]:
@@ -190,6 +150,7 @@ class Batches(Resumable):
         # Per-image transforms need decoded images in the workers, so they keep host decoding.
         self.decode_device = torch.device(decode_device) if decode_device is not None and transform is None else None
         self.samples = list(samples)
+        self._pairs = [(str(s.path), s.label) for s in self.samples]
         self.image_size = image_size
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -209,7 +170,7 @@ class Batches(Resumable):
 
     def _loader(self, batches: list[list[int]], transform: Callable | None = None, raw: bool = False) -> DataLoader:
         return DataLoader(
-            DecodedImages(self.samples, self.image_size, transform, jpeg_bytes=raw),
+            ImageFiles(self._pairs, partial(read_jpeg if raw else decode, image_size=self.image_size), transform),
             batch_sampler=batches,
             num_workers=self.workers,
             collate_fn=_collate_mixed if raw else collate,
@@ -224,8 +185,8 @@ class Batches(Resumable):
         """``loading.surviving`` over this dataset's loader; a batch decoded in isolation is collated, transformed."""
 
         def isolated(indices: list[int]) -> tuple:
-            files = [(str(self.samples[i].path), self.samples[i].label) for i in indices]
-            rows = isolated_rows(files, _decode_alone, [(path, self.image_size) for path, _ in files], self.workers)
+            read = partial(decode, image_size=self.image_size)
+            rows = isolated_rows([self._pairs[i] for i in indices], read, self.workers)
             if transform is not None:
                 rows = [(transform(image) if image is not None else None, *rest) for image, *rest in rows]
             return collate(rows)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,15 +67,65 @@ def surviving(
             done += 1
 
 
+def read_or_reason(read: Callable[[str], torch.Tensor], path: str) -> torch.Tensor | str:
+    """The image ``read`` makes of the file at ``path`` (or its ``Encoded`` bytes), or the reason the file is bad."""
+    try:
+        return read(path)
+    except (OSError, ValueError) as error:
+        return str(error)
+
+
+def _read_alone(item: tuple[Callable[[str], torch.Tensor], str]) -> torch.Tensor | str:
+    return read_or_reason(*item)
+
+
 def isolated_rows(
-    files: list[tuple[str, int]], decode_one: Callable[[tuple], torch.Tensor | str], items: list, workers: int
+    files: list[tuple[str, int]], read: Callable[[str], torch.Tensor], workers: int
 ) -> list[tuple[torch.Tensor | None, int, str, str]]:
-    """``(image, label, path, reason)`` rows, each file decoded in a process of its own that may die."""
-    decoded = map_isolated(decode_one, items, max(1, workers), lambda item: CRASHED, chunk=1)
+    """``(image, label, path, reason)`` rows, each file read in a process of its own that may die (``read`` must
+    pickle: a module-level function, a ``functools.partial`` of one, or ``DecodeThenFit``)."""
+    items = [(read, path) for path, _ in files]
+    decoded = map_isolated(_read_alone, items, max(1, workers), lambda item: CRASHED, chunk=1)
     return [
         (result, label, path, "") if isinstance(result, torch.Tensor) else (None, label, path, result)
         for (path, label), result in zip(files, decoded, strict=True)
     ]
+
+
+class ImageFiles(Dataset):
+    """``(image, label, path, reason)`` items: each file made an image by ``read``, then ``transform`` when given.
+
+    A bad file yields ``None`` with its reason instead of raising. Training reads files decoded at its image size
+    (``batches.py``); evaluation and prediction decode them whole and fit them to the model (``DecodeThenFit``).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str | Path, int]],
+        read: Callable[[str], torch.Tensor],
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.samples, self.read, self.transform = [(str(p), label) for p, label in samples], read, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str, str]:
+        path, label = self.samples[index]
+        image = read_or_reason(self.read, path)
+        if isinstance(image, str):
+            return None, label, path, image
+        return (self.transform(image) if self.transform is not None else image), label, path, ""
+
+
+@dataclass(frozen=True)
+class DecodeThenFit:
+    """Read a file at full size, then bring it to the model's input by ``fit`` (its own resizing rule)."""
+
+    fit: Callable[[torch.Tensor], torch.Tensor]
+
+    def __call__(self, path: str) -> torch.Tensor:
+        return self.fit(decode(path))
 
 
 def collate(items: list[tuple[torch.Tensor | None, int, str, str]]) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -86,48 +137,20 @@ def collate(items: list[tuple[torch.Tensor | None, int, str, str]]) -> tuple[tor
     return images, torch.tensor([label for _, label in good]), bad
 
 
-class FittedImages(Dataset):
-    """Files decoded at full size, then brought to the model's input by ``fit`` (its own resizing rule).
-
-    What evaluation and prediction read: a bad file yields ``None`` with its reason instead of raising.
-    """
-
-    def __init__(self, samples: Sequence[tuple[str | Path, int]], fit: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.samples, self.fit = list(samples), fit
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str, str]:
-        path, label = self.samples[index]
-        try:
-            return self.fit(decode(path)), label, str(path), ""
-        except (OSError, ValueError) as error:
-            return None, label, str(path), str(error)
-
-
 def _collate_with_paths(items: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]], list[str]]:
     """``collate`` plus the paths of the images that decoded, in batch order."""
     images, labels, bad = collate(items)
     return images, labels, bad, [path for image, _, path, _ in items if image is not None]
 
 
-def _fitted_alone(item: tuple[str, Callable[[torch.Tensor], torch.Tensor]]) -> torch.Tensor | str:
-    """One file decoded and fitted in an isolated process: the image, or the reason it is bad."""
-    path, fit = item
-    try:
-        return fit(decode(path))
-    except (OSError, ValueError) as error:
-        return str(error)
-
-
 class FittedBatches:
-    """Batches ``(images, labels, bad, paths)`` of ``FittedImages`` in sample order, decoded by loader workers; a
-    worker killed by a native decoder costs the file that killed it (``surviving``), not the evaluation."""
+    """Batches ``(images, labels, bad, paths)`` of files fitted to the model (``DecodeThenFit``) in sample order,
+    decoded by loader workers; a worker killed by a native decoder costs the file that killed it (``surviving``), not
+    the evaluation."""
 
     def __init__(self, samples: Sequence[tuple[str | Path, int]], fit: Callable, batch_size: int, workers: int):
-        self.samples, self.fit, self.batch_size, self.workers = list(samples), fit, batch_size, workers
-        self.dataset = FittedImages(self.samples, fit)
+        self.samples, self.batch_size, self.workers = list(samples), batch_size, workers
+        self.dataset = ImageFiles(self.samples, DecodeThenFit(fit))
 
     def __len__(self) -> int:
         return -(-len(self.samples) // self.batch_size)
@@ -136,8 +159,7 @@ class FittedBatches:
         return DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers, collate_fn=_collate_with_paths)
 
     def _isolated(self, indices: list[int]) -> tuple:
-        files = [(str(self.samples[i][0]), self.samples[i][1]) for i in indices]
-        rows = isolated_rows(files, _fitted_alone, [(path, self.fit) for path, _ in files], self.workers)
+        rows = isolated_rows([self.dataset.samples[i] for i in indices], self.dataset.read, self.workers)
         return _collate_with_paths(rows)
 
     def __iter__(self) -> Iterator[tuple]:
@@ -153,7 +175,8 @@ def fitted_batches(
     batch_size: int,
     workers: int | None = None,
 ) -> FittedBatches:
-    """Batches ``(images, labels, bad, paths)`` of ``FittedImages`` in sample order, decoded by loader workers."""
+    """Batches ``(images, labels, bad, paths)`` of files fitted to the model by ``fit``, in sample order, decoded by
+    loader workers."""
     if batch_size < 1:
         raise UsageError(f"batch_size must be a positive integer. Received: batch_size={batch_size}.")
     return FittedBatches(samples, fit, batch_size, default_workers() if workers is None else workers)
