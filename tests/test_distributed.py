@@ -24,7 +24,9 @@ def test_each_process_gets_a_disjoint_shard_of_the_same_shuffled_order(two_class
     samples = scan_folder(two_class_dir).samples  # 24 images, each with its own noise
 
     def shard(rank: int, world: int, drop_last: bool) -> list[list[bytes]]:
-        batches = Batches(samples, 8, 3, True, 5, 0, cache, drop_last, rank=rank, world_size=world)
+        batches = Batches(
+            samples, 8, 3, True, seed=5, workers=0, cache=cache, drop_last=drop_last, rank=rank, world_size=world
+        )
         return [[image.numpy().tobytes() for image in images] for images, _ in batches]
 
     for world, drop_last in ((2, True), (3, False), (5, True)):

@@ -111,7 +111,7 @@ def test_streamed_device_decoding_finishes_under_a_low_open_file_limit(tmp_path:
         from vgg.batches import Batches
         from vgg.scan import scan_folder
         samples = scan_folder({str(tmp_path)!r}).samples
-        batches = Batches(samples, 16, 128, True, 0, workers=2, cache="none", decode_device="cpu")
+        batches = Batches(samples, 16, 128, True, seed=0, workers=2, cache="none", decode_device="cpu")
         seen = sum(len(labels) for _ in range(2) for _, labels in batches)
         print("images", seen)
     """)

@@ -129,6 +129,7 @@ class Batches(Resumable):
         image_size: int,
         batch_size: int,
         shuffle: bool,
+        *,
         seed: int = 0,
         workers: int | None = None,
         cache: str = "auto",
