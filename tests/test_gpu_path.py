@@ -21,10 +21,11 @@ from conftest import saved_and_loaded
 from PIL import Image
 from torch import nn
 
-from vgg import decoding
+from vgg import jpeg_batches
 from vgg.batches import Batches, _collate_mixed
-from vgg.decoding import Encoded, Fallbacks, Packed, assemble, decode, decode_batch, read_jpeg
+from vgg.decoding import decode
 from vgg.inference import Step
+from vgg.jpeg_batches import Encoded, Fallbacks, Packed, assemble, decode_batch, read_jpeg
 from vgg.models import build
 from vgg.scan import Sample
 from vgg.training import autobatch
@@ -130,15 +131,15 @@ def test_one_corrupt_jpeg_falls_back_alone_and_is_logged_once_with_a_count(tmp_p
     data[200:260] = b"\xff\xd9" * 30  # end-of-image markers in the scan: libjpeg-turbo refuses the file
     items[3] = Encoded(torch.frombuffer(data, dtype=torch.uint8), 1)
     calls: list[int] = []
-    real = decoding.decode_jpeg
+    real = jpeg_batches.decode_jpeg
 
     def counting(data, **kwargs):
         calls.append(len(data) if isinstance(data, list) else 1)
         return real(data, **kwargs)
 
-    monkeypatch.setattr(decoding, "decode_jpeg", counting)
+    monkeypatch.setattr(jpeg_batches, "decode_jpeg", counting)
     fallbacks = Fallbacks()
-    with caplog.at_level(logging.WARNING, logger="vgg.decoding"):
+    with caplog.at_level(logging.WARNING, logger="vgg.jpeg_batches"):
         for _ in range(2):
             out = decode_batch(items, 32, "cpu", fallbacks)
     # Seven good files still came out of batched calls: 8 -> 4 + 4 -> (2 + 2) -> (1 + 1), never one call per file.
@@ -167,7 +168,7 @@ def test_device_failures_are_raised_never_taken_for_bad_files(tmp_path: Path, mo
     def failing(data, **kwargs):
         raise error
 
-    monkeypatch.setattr(decoding, "decode_jpeg", failing)
+    monkeypatch.setattr(jpeg_batches, "decode_jpeg", failing)
     fallbacks = Fallbacks()
     with pytest.raises(type(error), match=str(error)[:20]):
         decode_batch(items, 32, "cpu", fallbacks)

@@ -1,4 +1,4 @@
-"""Batch JPEG decoding where the model runs (jpeg.py), checked on the CPU against the loader workers' decoding.
+"""Batch JPEG decoding where the model runs (jpeg_batches.py), checked on the CPU against the loader workers' decoding.
 
 On CUDA the same code hands the batch to nvJPEG; here ``decode_jpeg(device="cpu")`` runs it, so everything but the
 decoder itself (reading in workers, EXIF orientation, fallbacks, order, skipped files) is the code a GPU runs.
@@ -14,7 +14,7 @@ import torch
 from conftest import MESSY_BAD, small_run, write_messy_dataset
 from PIL import Image
 
-from vgg import decoding as jpeg
+from vgg import jpeg_batches as jpeg
 from vgg.batches import Batches
 from vgg.decoding import decode
 from vgg.scan import scan_folder

@@ -19,8 +19,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .decoding import Fallbacks, Packed, assemble, decode, read_jpeg
+from .decoding import decode
 from .errors import UsageError
+from .jpeg_batches import Fallbacks, Packed, assemble, read_jpeg
 from .loading import ImageFiles, collate, default_workers, isolated_rows, surviving
 from .scan import Sample
 
@@ -48,7 +49,7 @@ def _collate_mixed(items: list) -> tuple[Packed, torch.Tensor, list, list[str]]:
     """Like ``loading.collate``, but for decoded tensors and ``Encoded`` bytes packed into a few tensors, with paths.
 
     Packed, a batch crosses from a loader worker as five shared-memory descriptors whatever its size (one per image
-    ran out of file descriptors at large batches: ``decoding.Packed``).
+    ran out of file descriptors at large batches: ``jpeg_batches.Packed``).
     """
     good = [(image, label, path) for image, label, path, _ in items if image is not None]
     bad = [(path, reason) for image, _, path, reason in items if image is None]
@@ -119,7 +120,7 @@ class Batches(Resumable):
         sampler: ``shuffle`` (each image once per epoch) or ``balanced`` (images drawn with replacement with
             probability inversely proportional to their class's size, so every class is seen equally often).
         decode_device: when streaming without a per-image transform, the loader workers only read plain JPEGs and
-            they are decoded a batch at a time on this device (nvJPEG on CUDA; ``decoding.py``), so batches arrive
+            they are decoded a batch at a time on this device (nvJPEG on CUDA; ``jpeg_batches.py``), so batches arrive
             there already decoded. ``None``: workers decode everything.
     """
 
