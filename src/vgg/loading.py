@@ -149,11 +149,11 @@ class FittedBatches:
     the evaluation."""
 
     def __init__(self, samples: Sequence[tuple[str | Path, int]], fit: Callable, batch_size: int, workers: int):
-        self.samples, self.batch_size, self.workers = list(samples), batch_size, workers
-        self.dataset = ImageFiles(self.samples, DecodeThenFit(fit))
+        self.dataset = ImageFiles(samples, DecodeThenFit(fit))
+        self.batch_size, self.workers = batch_size, workers
 
     def __len__(self) -> int:
-        return -(-len(self.samples) // self.batch_size)
+        return -(-len(self.dataset) // self.batch_size)
 
     def _loader(self, batches: list[list[int]]) -> DataLoader:
         return DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers, collate_fn=_collate_with_paths)
@@ -163,7 +163,7 @@ class FittedBatches:
         return _collate_with_paths(rows)
 
     def __iter__(self) -> Iterator[tuple]:
-        n = len(self.samples)
+        n = len(self.dataset)
         batches = [list(range(i, min(i + self.batch_size, n))) for i in range(0, n, self.batch_size)]
         for _, batch in surviving(self._loader, batches, self.workers, self._isolated):
             yield batch
