@@ -65,6 +65,10 @@ POINTS: dict[str, str] = {
     # The shipped defaults again on the code with dense 2x2 px layers (9275080 on), which rounds differently: the
     # baseline the peak-rate and smoothing points of the sixth session are read against.
     "shipped-dense": "",
+    # Smaller family members at the same recipe (issue 17, ninth session): VGG11-BN's step costs ~0.55 of VGG16-BN's,
+    # so at a fixed time it trains ~1.8x the epochs.
+    "vgg11bn": "--arch vgg11_bn",
+    "vgg13bn": "--arch vgg13_bn",
 }
 
 
@@ -135,7 +139,7 @@ def run_point(name: str, flags: str, seed: int, epochs: int, budget: Path, out: 
     row = {
         "name": name, "flags": flags, "seed": seed, "epochs": epochs, "image_size": image_size,
         "train_seconds": round(seconds, 1), "commit": commit(), "date": datetime.date.today().isoformat(),
-        "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+        "omp_threads": os.environ.get("OMP_NUM_THREADS"), "machine": machine(),
     }  # fmt: skip
     if finished.returncode != 0:
         return {**row, "test_accuracy": None, "error": log.read_text().strip().splitlines()[-1:]}

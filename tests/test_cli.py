@@ -156,6 +156,14 @@ def test_datasets_fashion_mnist_from_idx_files(tmp_path: Path, capsys):
         (["predict", "{model}", "{tmp}/nope.jpg"], r"error: Image not found: .*nope.jpg\. Expected an image file"),
         (["predict", "{tmp}/flat/a.txt", "{data}/cat"], r"error: .*a.txt is not a vgg model file"),
         (["evaluate", "{tmp}/nomodel.safetensors", "{data}"], r"error: Model file not found: .*nomodel"),
+        (
+            ["predict", "{run}", "{data}/cat"],
+            r"error: .* is a folder, not a model file\. Did you mean .*best\.safetensors\?",
+        ),
+        (
+            ["evaluate", "{tmp}/flat", "{data}"],
+            r"error: .*flat is a folder, not a model file\. Expected a \.safetensors",
+        ),
         (["summary", "--arch", "vgg15"], r"error: arch must be one of .*Received: arch='vgg15'"),
         (["train"], r"error: vgg train: the following arguments are required: data"),
         (["datasets", "fashion-mnist", "{tmp}/fm", "--source", "{tmp}"], r"error: Fashion-MNIST files missing in"),
@@ -166,7 +174,7 @@ def test_bad_input_is_one_clear_line_and_exit_2(argv, message, tmp_path, two_cla
     (tmp_path / "flat" / "a.txt").write_text("x")
     (tmp_path / "flat" / "b.txt").write_text("y")
     (tmp_path / "one" / "cat").mkdir(parents=True)
-    argv = [a.format(tmp=tmp_path, data=two_class_dir, model=trained / "best.safetensors") for a in argv]
+    argv = [a.format(tmp=tmp_path, data=two_class_dir, run=trained, model=trained / "best.safetensors") for a in argv]
     code, out, err = run(capsys, *argv)
     assert code == 2
     assert len(err.strip().splitlines()) == 1, err

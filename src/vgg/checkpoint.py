@@ -163,6 +163,12 @@ def _match_tensors(names: list[str], size: int, shapes: dict[str, list[int]], wh
 
 def _open(path: str | Path, weights: bool = True) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
     path = Path(path)
+    if path.is_dir():  # most often a run folder: name the model inside it
+        best = path / "best.safetensors"
+        hint = f" Did you mean {best}?" if best.is_file() else ""
+        raise UsageError(
+            f"{path} is a folder, not a model file.{hint} Expected a .safetensors file written by `vgg train`."
+        )
     if not path.is_file():
         raise UsageError(f"Model file not found: {path}. Expected a .safetensors file written by `vgg train`.")
     tensors: dict[str, torch.Tensor] = {}
