@@ -9,6 +9,7 @@ import importlib
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -224,6 +225,37 @@ def test_serve_refuses_a_missing_model_or_unknown_backend_before_starting(model_
     assert "Model file not found" in capsys.readouterr().err
     assert cli.main(["serve", str(model_file), "--backend", "tensorflow"]) == 2
     assert "--backend must be one of auto, torch, onnxruntime" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_busy_port_bad_address_or_bad_model_in_one_line(model_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VGG_CACHE_DIR", str(tmp_path / "cache"))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00\x01not a model at all")
+    run = tmp_path / "run"  # a run folder, given where its model file belongs
+    run.mkdir()
+    (run / "best.safetensors").write_bytes(model_file.read_bytes())
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = str(busy.getsockname()[1])
+        cases = [
+            (["--port", taken], rf"Cannot listen on 127\.0\.0\.1:{taken}: Address already in use"),
+            (["--port", "70000"], r"Cannot listen on 127\.0\.0\.1:70000: .*port must be 0-65535"),
+            (["--host", "no-such-host.invalid", "--token", TOKEN], r"Cannot listen on no-such-host\.invalid:"),
+        ]
+        for args, message in cases:
+            assert cli.main(["serve", str(model_file), *args]) == 2, args
+            err = capsys.readouterr().err
+            assert len(err.strip().splitlines()) == 1 and re.search(rf"^error: {message}", err), err
+    for model, message in [
+        (junk, r"junk\.safetensors is not a vgg model file"),
+        (run, r"run is a folder, not a model file\. Did you mean .*best\.safetensors\?"),
+        (tmp_path / "nope.onnx", r"ONNX file not found: .*nope\.onnx"),
+    ]:
+        assert cli.main(["serve", str(model), "--port", str(_free_port())]) == 2, model
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert re.search(rf"^error: .*{message}", lines[-1]), lines
+        assert not any("Traceback" in line for line in lines), lines
 
 
 def test_model_and_metrics_describe_the_server(server):

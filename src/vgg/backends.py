@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import ModelInfo
+from .checkpoint import ModelInfo, existing_model_file
 from .errors import UsageError
 from .export import export, info_from_metadata, onnx_session, read_onnx_metadata
 from .predict import load
@@ -73,10 +73,8 @@ def _onnx_for(model: str) -> Path:
     if str(model).startswith("imagenet:"):
         key = str(model).replace(":", "-")
     else:
-        if not Path(model).is_file():
-            raise UsageError(f"Model file not found: {model}. Expected a .safetensors file written by `vgg train`.")
         digest = hashlib.sha256()
-        with open(model, "rb") as handle:
+        with open(existing_model_file(model), "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
         key = digest.hexdigest()[:32]

@@ -161,9 +161,10 @@ def _match_tensors(names: list[str], size: int, shapes: dict[str, list[int]], wh
         )
 
 
-def _open(path: str | Path, weights: bool = True) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
+def existing_model_file(path: str | Path) -> Path:
+    """``path`` if it is a file; else a clear error (for a run folder, naming the model inside it)."""
     path = Path(path)
-    if path.is_dir():  # most often a run folder: name the model inside it
+    if path.is_dir():
         best = path / "best.safetensors"
         hint = f" Did you mean {best}?" if best.is_file() else ""
         raise UsageError(
@@ -171,6 +172,11 @@ def _open(path: str | Path, weights: bool = True) -> tuple[ModelInfo, dict[str, 
         )
     if not path.is_file():
         raise UsageError(f"Model file not found: {path}. Expected a .safetensors file written by `vgg train`.")
+    return path
+
+
+def _open(path: str | Path, weights: bool = True) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
+    path = existing_model_file(path)
     tensors: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt") as handle:

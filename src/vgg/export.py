@@ -288,6 +288,8 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
         import onnx
     except ImportError as error:
         raise UsageError("Reading ONNX files needs the onnx package: pip install 'vgg[export]'.") from error
+    if not Path(path).is_file():
+        raise UsageError(f"ONNX file not found: {path}. Expected a file written by `vgg export`.")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # onnx raises several unrelated types for a file that is not ONNX

@@ -26,12 +26,12 @@ import io
 import logging
 import os
 import platform
+import socket
 import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -189,15 +189,16 @@ def grad_cam_png(
 
 
 def create_app(config: ServeConfig) -> FastAPI:
-    """The application; model, decoder processes and batcher start with it (FastAPI lifespan)."""
+    """The application. The model loads here, so that a bad model file is an error before any server starts; the
+    decoder processes and the batcher start with the app (FastAPI lifespan)."""
     token = config.token or os.environ.get(TOKEN_ENV) or None
     metrics = Metrics()
     limiter = RateLimiter(config.rate_limit) if config.rate_limit > 0 else None
+    backend = make_backend(config.model, config.backend, config.device)
     state: dict[str, Any] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        backend = make_backend(config.model, config.backend, config.device)
         pool = DecoderPool(config.workers, backend.info, config.limits)
         batcher = MicroBatcher(backend.run, config.max_batch, config.max_wait_ms, config.queue_size)
         batcher.on_batch = metrics.observe_batch
@@ -385,19 +386,34 @@ def serve(config: ServeConfig) -> None:
         )
     if config.backend not in BACKENDS:
         raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}. Received: {config.backend!r}.")
-    model = str(config.model)
-    if not model.startswith("imagenet:") and not Path(model).is_file():
-        raise UsageError(
-            f"Model file not found: {model}. Expected a .safetensors file from `vgg train` or an .onnx file."
-        )
     if config.host not in ("127.0.0.1", "localhost", "::1") and not (config.token or os.environ.get(TOKEN_ENV)):
         log.warning("vgg serve: listening on %s without a token: anyone who can reach it can use it", config.host)
-    uvicorn.run(
-        create_app(config),
-        host=config.host,
-        port=config.port,
-        log_level="warning",
-        server_header=False,
-        timeout_keep_alive=5,
-        limit_concurrency=config.queue_size,
-    )
+    with _listen(config.host, config.port) as listening:
+        config = replace(config, port=listening.getsockname()[1])  # the port chosen, where --port 0 asked for any
+        settings = uvicorn.Config(
+            create_app(config),
+            host=config.host,
+            port=config.port,
+            log_level="warning",
+            server_header=False,
+            timeout_keep_alive=5,
+            limit_concurrency=config.queue_size,
+        )
+        server = uvicorn.Server(settings)
+        server.run(sockets=[listening])
+    if not server.started:  # uvicorn has logged why (the decoder processes or the batcher failed to start)
+        raise UsageError(f"vgg serve could not start {config.model} on {config.host}:{config.port} (see above).")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, opened before the model loads: a port in use, a host that does not resolve or a port
+    out of range is one line naming it, before anything starts."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        return socket.create_server((host, port), family=family)
+    except (OSError, OverflowError) as error:
+        reason = (getattr(error, "strerror", None) or str(error)).rstrip(".")
+        raise UsageError(
+            f"Cannot listen on {host}:{port}: {reason}. Expected a free port (0-65535) on an address of this "
+            "machine: pass another --port or --host."
+        ) from None
