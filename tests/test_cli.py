@@ -132,6 +132,14 @@ def test_train_tta_validates_as_evaluate_tta_scores(two_class_dir: Path, tmp_pat
     assert plain["loss"] != pytest.approx(mirrored["loss"], rel=1e-4)
 
 
+def test_a_refusal_of_the_file_system_is_one_line_naming_the_path(tmp_path: Path, capsys):
+    source = fake_fashion_mnist(tmp_path / "idx")
+    (tmp_path / "a.txt").write_text("a file where a folder is wanted")
+    code, _, err = run(capsys, "datasets", "fashion-mnist", tmp_path / "a.txt" / "fm", "--source", source)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert re.fullmatch(r"error: .*a\.txt/\S*: Not a directory\n", err), err
+
+
 def test_datasets_fashion_mnist_from_idx_files(tmp_path: Path, capsys):
     source = fake_fashion_mnist(tmp_path / "idx")
     dest = tmp_path / "fm"
@@ -167,6 +175,10 @@ def test_datasets_fashion_mnist_from_idx_files(tmp_path: Path, capsys):
         (["summary", "--arch", "vgg15"], r"error: arch must be one of .*Received: arch='vgg15'"),
         (["train"], r"error: vgg train: the following arguments are required: data"),
         (["datasets", "fashion-mnist", "{tmp}/fm", "--source", "{tmp}"], r"error: Fashion-MNIST files missing in"),
+        (
+            ["explain", "{model}", "{data}/cat", "--out", "{tmp}/flat/a.txt"],
+            r"error: --out .*a.txt is a file: expected a",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_2(argv, message, tmp_path, two_class_dir, trained, capsys):

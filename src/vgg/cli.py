@@ -241,8 +241,10 @@ def _explain(args: argparse.Namespace) -> int:
     from .predict import expand_images, load
 
     paths = expand_images(args.images)
-    classifier = load(args.model, device=args.device)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file: expected a folder for the overlays. Pass another --out.")
+    classifier = load(args.model, device=args.device)
     explanations = (
         explanation
         for start in range(0, len(paths), 32)  # a backward pass per chunk: memory stays that of 32 images
@@ -454,6 +456,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         _quiet_stdout()
         return 141
+    except OSError as error:  # the file system said no: no permission, a file where a folder belongs, a full disk
+        if debug:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{_one_line(error.strerror or str(error))}", file=sys.stderr)
+        return 2
     except Exception as error:  # a bug or an input nothing above anticipated: still one line, never a traceback
         if debug:
             raise
