@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +200,18 @@ def test_compiled_training_writes_ordinary_model_files(two_class_dir: Path, tmp_
     assert code == 0
     code, printed, _ = run(capsys, "predict", out / "best.safetensors", two_class_dir / "cat", "--json")
     assert code == 0 and len(json.loads(printed)) == 12
+
+
+def test_validation_files_that_are_training_files_are_named(two_class_dir: Path, tmp_path: Path, capsys):
+    val = tmp_path / "val"
+    for cls in ("cat", "dog"):  # links to three training images a class, and one new image a class
+        (val / cls).mkdir(parents=True)
+        files = sorted((two_class_dir / cls).iterdir())
+        for file in files[:3]:
+            (val / cls / file.name).symlink_to(file)
+        shutil.copy(files[3], val / cls / "copy.png")
+    code, out, _ = run(capsys, "train", two_class_dir, "--val", val, "--out", tmp_path / "r", "--epochs", "1", *TINY)
+    assert code == 0
+    assert f"warning: 6 of the 8 validation images in {val} are training images too (the same files)" in out
+    code, out, _ = run(capsys, "train", two_class_dir, "--out", tmp_path / "r2", "--epochs", "1", *TINY)
+    assert code == 0 and "are training images too" not in out

@@ -3,6 +3,7 @@ class (usable counts, balance, loss weights)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,7 @@ def read_data(config: TrainConfig, saved: SavedRun | None = None, log: Callable[
         val_folder = scan_folder(config.val, classes=folder.classes)
         val_samples = val_folder.samples
         skipped += val_folder.skipped
+        _warn_shared(config, train_samples, val_samples, log)
     elif config.split:
         train_samples, val_samples = read_split(config.split, folder.classes)
     else:
@@ -108,6 +110,19 @@ def read_data(config: TrainConfig, saved: SavedRun | None = None, log: Callable[
         train_samples = limit_per_class(train_samples, config.max_per_class, config.seed)
         val_samples = limit_per_class(val_samples, max(1, round(config.max_per_class * config.val_fraction)))
     return Data(folder.classes, train_samples, val_samples, skipped)
+
+
+def _warn_shared(config: TrainConfig, train: list[Sample], val: list[Sample], log: Callable[[str], None]) -> None:
+    """A --val folder that holds training files (the same folder, or links to the same files) makes validation
+    accuracy training accuracy: say so, since the run itself cannot tell."""
+    training_files = {os.path.realpath(s.path) for s in train}
+    shared = sum(1 for s in val if os.path.realpath(s.path) in training_files)
+    if shared:
+        log(
+            f"warning: {shared} of the {len(val)} validation images in {config.val} are training images too (the "
+            f"same files), so validation accuracy will overstate the model; `vgg doctor {config.data} --val "
+            f"{config.val}` also finds copies by content"
+        )
 
 
 def _moved(config: TrainConfig, saved: SavedRun) -> dict[str, str]:
