@@ -131,7 +131,7 @@ def _train(
     log(data_line(config, data, counts, train_batches, device, precision, world))
     log(
         f"optimizer: {config.optimizer}, peak lr {config.peak_lr:g}, {config.warmup:g}-epoch warm-up, "
-        f"{config.schedule} schedule, {config.epochs} epochs"
+        f"{config.schedule} schedule, {config.epochs} epoch{'s' if config.epochs != 1 else ''}"
     )
     facts = {"device": str(device), "precision": precision, "world_size": world.world_size}
     run_dir.start(
