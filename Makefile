@@ -19,12 +19,14 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # The web page tests drive Debian's headless chromium (tests/browser.py); installed here when missing.
+# One pytest worker per core, one thread each (pytest-xdist; a test file stays on one worker, so its module fixtures
+# are built once): 693 s against 1067 s in one process on a 2-core CPU without native bf16 (2026-12-01).
 test: setup
 	@if [ ! -x /usr/bin/chromedriver ] && command -v apt-get >/dev/null; then \
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver; \
 	fi
-	$(BIN)/pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n auto --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
