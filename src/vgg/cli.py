@@ -236,14 +236,11 @@ def _add_explain(commands: argparse._SubParsersAction) -> None:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from .files import check_out_folder
     from .predict import expand_images, load
 
     paths = expand_images(args.images)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file: expected a folder for the overlays. Pass another --out.")
+    out = check_out_folder(args.out, "the overlays")
     classifier = load(args.model, device=args.device)
     explanations = (
         explanation

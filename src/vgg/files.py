@@ -114,6 +114,14 @@ def remove_stale_temps(folder: str | Path, names: Iterable[str]) -> list[Path]:
     return removed
 
 
+def check_out_folder(folder: str | Path, holds: str) -> Path:
+    """``--out FOLDER`` as a Path, refused when a file stands there (``holds``: what the folder is for)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out {folder} is a file: expected a folder for {holds}. Pass another --out.")
+    return folder
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """``data`` as indented JSON, atomically."""
     atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(data, indent=2) + "\n"))

@@ -35,7 +35,7 @@ from .. import __version__
 from ..checkpoint import ModelInfo, save_model
 from ..distributed import World, from_main
 from ..errors import UsageError
-from ..files import DiskFull, file_mode, remove_stale_temps, write_csv, write_json
+from ..files import DiskFull, check_out_folder, file_mode, remove_stale_temps, write_csv, write_json
 from ..report import plot_curves, write_history
 from ..scan import Sample
 from ..splits import write_split
@@ -108,8 +108,7 @@ def claim(folder: Path, resume: bool, overwrite: bool, log: Callable[[str], None
     Raises:
         UsageError: ``folder`` is a file or not writable, or holds another run (``FolderInUse``: is being written).
     """
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"--out {folder} is a file: expected a folder for the run's files. Pass another --out.")
+    check_out_folder(folder, "the run's files")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
