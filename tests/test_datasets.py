@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import struct
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,6 +78,11 @@ def serving(folder: Path, monkeypatch, tmp_path: Path) -> Iterator[None]:
     monkeypatch.setattr(datasets, "FASHION_MNIST_DEBIAN", tmp_path / "no-debian")
     monkeypatch.setattr(datasets, "FASHION_MNIST_URL", f"http://127.0.0.1:{server.server_port}/")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    # urlopen keeps the opener (and the proxies) of its first call in the process, which may have been another
+    # test's closed proxy port: start from a fresh one, built from the environment above.
+    urllib.request.install_opener(None)
     try:
         yield
     finally:

@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import re
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,8 @@ def _no_network(monkeypatch, tmp_path):
     for var in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    yield
+    urllib.request.install_opener(None)  # urlopen kept an opener with the closed proxy port: not for later tests
 
 
 @pytest.fixture
