@@ -71,3 +71,12 @@ def test_failed_write_leaves_the_previous_file_intact(tmp_path: Path):
         atomic_write(target, crash)
     assert target.read_text() == "previous"
     assert [p.name for p in tmp_path.iterdir()] == ["best.safetensors"]
+
+
+def test_atomic_write_over_a_folder_names_the_folder_and_writes_nothing(tmp_path: Path):
+    target = tmp_path / "best.safetensors"
+    target.mkdir()
+    calls = []
+    with pytest.raises(UsageError, match=f"{target} is a folder: expected a file name to write"):
+        atomic_write(target, calls.append)
+    assert calls == [] and list(tmp_path.iterdir()) == [target] and target.is_dir()

@@ -105,6 +105,14 @@ def test_cli_export_prints_the_check(model_file, tmp_path, capsys):
     assert cli.main(["export", str(model_file), "--format", "keras"]) == 2
 
 
+def test_an_out_that_is_a_folder_is_refused_before_the_export(model_file, tmp_path, capsys):
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    assert cli.main(["export", str(model_file), "--format", "onnx", "--out", str(folder)]) == 2
+    assert f"error: --out {folder} is a folder: expected a file name for the onnx export" in capsys.readouterr().err
+    assert list(folder.iterdir()) == []  # no temp file left behind either
+
+
 def test_unknown_format_and_misplaced_opset_are_usage_errors(model_file):
     with pytest.raises(UsageError, match="format must be one of onnx, torchscript, exported-program"):
         export(model_file, "tflite")

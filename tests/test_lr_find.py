@@ -122,7 +122,27 @@ def test_lr_find_command_prints_a_suggestion_and_draws_the_curve(two_class_dir: 
 def test_lr_find_refuses_a_falling_sweep(two_class_dir: Path, capsys):
     code = main(["lr-find", str(two_class_dir), *TINY, "--start", "1", "--end", "1e-3"])
     assert code == 2
-    assert "expected 0 < start < end. Received: start=1.0, end=0.001" in capsys.readouterr().err
+    assert "expected 0 < start < end < inf. Received: start=1.0, end=0.001" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("end", ["inf", "nan"])
+def test_lr_find_refuses_a_sweep_without_a_finite_end(two_class_dir: Path, end: str, capsys):
+    code = main(["lr-find", str(two_class_dir), *TINY, "--end", end])
+    assert code == 2
+    assert f"expected 0 < start < end < inf. Received: start=1e-07, end={end}." in capsys.readouterr().err
+
+
+def test_sweep_rates_span_any_finite_range():
+    rates = sweep_rates(1e-300, 1e300, 7)  # the ratio, 1e600, is past the largest float
+    assert rates[0] == pytest.approx(1e-300) and rates[-1] == pytest.approx(1e300)
+    assert all(math.isfinite(r) for r in rates) and rates == sorted(rates)
+
+
+def test_lr_find_refuses_a_folder_for_the_plot_before_the_sweep(two_class_dir: Path, tmp_path: Path, capsys):
+    code = main(["lr-find", str(two_class_dir), *TINY, "--plot", str(tmp_path)])
+    printed = capsys.readouterr()
+    assert code == 2 and "range test" not in printed.out  # refused before any image is read
+    assert f"error: --plot {tmp_path} is a folder: expected a file name for the loss curve (PNG)" in printed.err
 
 
 def test_train_lr_find_trains_at_the_suggested_rate(two_class_dir: Path, tmp_path: Path, capsys):

@@ -81,10 +81,12 @@ def _add_lr_find(commands: argparse._SubParsersAction, flags: bool = True) -> No
 
 
 def _lr_find(args: argparse.Namespace) -> int:
+    from .files import check_out_file
     from .training.flags import train_config
     from .training.lr_find import describe, plot
     from .training.run import lr_find
 
+    check_out_file(args.plot, "the loss curve (PNG)", "--plot")
     config = train_config(args)
     log = (lambda _: None) if args.json else print
     result = lr_find(config, args.start, args.end, args.steps, log=log, progress=sys.stderr.isatty())

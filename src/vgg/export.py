@@ -36,7 +36,7 @@ from torch import nn
 from . import __version__
 from .checkpoint import ModelInfo
 from .errors import UsageError
-from .files import atomic_write, write_json
+from .files import atomic_write, check_out_file, write_json
 from .predict import load
 
 log = logging.getLogger(__name__)
@@ -145,8 +145,8 @@ def export(
         raise UsageError(f"format must be one of {', '.join(FORMATS)}. Received: format={format!r}.")
     if opset is not None and format != "onnx":
         raise UsageError(f"--opset applies to ONNX only. Received: opset={opset} with format={format!r}.")
+    out = check_out_file(out if out is not None else default_out(model_path, format), f"the {format} export")
     reference = load(model_path, device="cpu", precision="fp32")
-    out = Path(out) if out is not None else default_out(model_path, format)
     # The classifier keeps its copy in channels-last for speed; the export gets the plain layout.
     model = copy.deepcopy(reference.model).to(memory_format=torch.contiguous_format).float().eval()
     model.requires_grad_(False)

@@ -77,6 +77,8 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         DiskFull: the device ran out of space; ``path`` still holds its previous content.
     """
     path = Path(path)
+    if path.is_dir():  # else the rename below fails naming the temp file, after all the work of ``write``
+        raise UsageError(f"{path} is a folder: expected a file name to write. Pass a path such as {path / 'NAME'}.")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -120,6 +122,16 @@ def check_out_folder(folder: str | Path, holds: str) -> Path:
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out {folder} is a file: expected a folder for {holds}. Pass another --out.")
     return folder
+
+
+def check_out_file(path: str | Path, holds: str, flag: str = "--out") -> Path:
+    """A file to write as a Path, refused up front when a folder stands there (``holds``: what the file is)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(
+            f"{flag} {path} is a folder: expected a file name for {holds}. Pass a path such as {path / 'NAME'}."
+        )
+    return path
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -29,6 +29,7 @@ import torch
 
 from .checkpoint import ModelInfo, save_model
 from .errors import UsageError
+from .files import check_out_file
 from .keras_arch import KerasArch, read_arch
 from .keras_files import read_keras_file
 from .models import ARCHS, CONFIGS, VGG, build
@@ -224,7 +225,7 @@ def import_keras(
     Raises:
         UsageError: see ``load_keras``; also when ``out`` exists and ``overwrite`` is not set.
     """
-    target = Path(out) if out is not None else default_output(path)
+    target = check_out_file(out if out is not None else default_output(path), "the model file")
     if target.exists() and not overwrite:
         raise UsageError(f"{target} already exists; pass --out to write elsewhere or --force to replace it.")
     model, info = load_keras(path, class_names, preprocessing)

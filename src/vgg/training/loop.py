@@ -3,6 +3,7 @@ resumable state."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass, field, replace
@@ -13,6 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..distributed import gather, rank
+from ..errors import UsageError
 from ..inference import Step, evaluate
 from .config import TrainConfig, monitor_mode
 from .ema import WeightAverage
@@ -38,6 +40,10 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     if config.optimizer == "adam":
         return torch.optim.Adam(groups, lr=config.peak_lr, fused=fused)
     return torch.optim.AdamW(groups, lr=config.peak_lr, fused=fused)
+
+
+class Diverged(UsageError):
+    """The loss (or the weights) stopped being finite numbers: the rate was too high for this model and data."""
 
 
 @dataclass
@@ -229,6 +235,9 @@ def fit(
                 run.ema.update(raw)
             every = config.save_every_steps
             if on_checkpoint is not None and every and run.global_step % every == 0 and done < len(train_batches):
+                # A state with NaN weights would resume into NaN: checked here, where a checkpoint syncs anyway.
+                if not _finite(raw):
+                    raise _diverged(run, run.epoch + 1, f"the weights after step {run.global_step}", math.nan)
                 on_checkpoint(run.state_dict(train_batches, {"totals": totals.state_dict()}))
 
         train = train_one_epoch(
@@ -239,6 +248,9 @@ def fit(
         resumed, start = None, 0
         val = evaluate(raw, val_batches, val_step, num_classes, progress)
         ema_val = evaluate(run.ema.model, val_batches, val_step, num_classes) if run.ema is not None else None
+        for name, loss in (("the training loss", train["loss"]), ("the validation loss", val["loss"])):
+            if not math.isfinite(loss):
+                raise _diverged(run, epoch, name, loss)
         improved, use_ema = run.record(epoch, train, val, time.perf_counter() - started, ema_val)
         if on_epoch_end is not None:
             on_epoch_end(run.result.history, improved, run.ema.model if use_ema else raw)
@@ -249,3 +261,21 @@ def fit(
         raw.load_state_dict(run.best_weights)
     run.result.best_epoch, run.result.best_value = run.stopper.best_epoch, run.stopper.best
     return run.result
+
+
+def _finite(model: nn.Module) -> bool:
+    """Whether every weight is a finite number (one float64 sum per tensor: NaN or inf anywhere makes it so)."""
+    return all(math.isfinite(t.detach().sum(dtype=torch.float64).item()) for t in model.parameters())
+
+
+def _diverged(run: Optimisation, epoch: int, what: str, value: float) -> Diverged:
+    """The error for a run whose loss left the numbers in ``epoch``; it says what the run folder still holds."""
+    kept = "no model was saved"
+    if run.epoch:
+        kept = f"nothing of epoch {epoch} is saved; the run folder keeps the state of epoch {run.epoch}"
+        if run.stopper.best_epoch:
+            kept += f" and the best model (epoch {run.stopper.best_epoch})"
+    return Diverged(
+        f"Training diverged in epoch {epoch}: {what} became {value} (expected finite numbers); {kept}. Lower the "
+        f"learning rate (peak {run.config.peak_lr:g}; `vgg lr-find` suggests one) and train again."
+    )

@@ -55,12 +55,12 @@ class RangeTest:
 
 def sweep_rates(start: float, end: float, steps: int) -> list[float]:
     """``steps`` rates from ``start`` to ``end``, evenly spaced in log-rate."""
-    if not 0 < start < end:
+    if not 0 < start < end < math.inf:
         raise ValueError(f"expected 0 < start < end, got start={start}, end={end}")
     if steps < 2:
         return [start]
-    ratio = math.log(end / start)
-    return [start * math.exp(ratio * i / (steps - 1)) for i in range(steps)]
+    low, high = math.log(start), math.log(end)  # in logs: end / start may overflow (1e-300 to 1e300)
+    return [math.exp(low + (high - low) * i / (steps - 1)) for i in range(steps)]
 
 
 def range_test(
@@ -207,7 +207,8 @@ def plot(path: str | Path, result: RangeTest) -> None:
     if finite:
         axes.plot(*zip(*finite, strict=True), color="C0", label="smoothed loss")
         low, high = min(s for _, s in finite), max(s for _, s in finite)
-        axes.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
+        if high > low:  # one point, or a flat curve: matplotlib picks the limits
+            axes.set_ylim(low - 0.05 * (high - low), high + 0.1 * (high - low))
     if result.suggestion is not None:
         axes.axvline(result.suggestion, color="C3", linestyle="--", label=f"suggestion {result.suggestion:.2e}")
     axes.set_xscale("log")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -219,8 +220,11 @@ def lr_find(
     config.validate()
     if not config.data:
         raise UsageError("No dataset folder: expected DATA/<class>/<image> (vgg lr-find DATA).")
-    if not 0 < start < end:
-        raise UsageError(f"The sweep must rise: expected 0 < start < end. Received: start={start}, end={end}.")
+    if not 0 < start < end < math.inf:
+        raise UsageError(
+            f"The sweep must rise between finite rates: expected 0 < start < end < inf. Received: start={start}, "
+            f"end={end}."
+        )
     if steps < 10:
         raise UsageError(f"steps must be 10 or more for a readable curve. Received: steps={steps}.")
     device = pick_device(config.device)
