@@ -106,6 +106,14 @@ def test_sweep_rates_rise_exponentially_from_start_to_end():
     assert all(b / a == pytest.approx(10.0) for a, b in zip(rates, rates[1:], strict=False))
 
 
+def test_a_sweep_that_ends_in_nan_reads_as_strict_json():
+    losses = iter([2.0] * 12 + [1.0, math.nan, 0.5])
+    result = range_test(lambda rate: next(losses), start=1e-3, end=1.0, steps=15, diverge=100.0)
+    assert result.stopped_early and len(result.rates) == 14  # ended at the first loss that is not a number
+    text = json.dumps(result.as_dict(), allow_nan=False)  # what `vgg lr-find --json` prints; NaN is not JSON
+    assert json.loads(text)["losses"][-1] is None and json.loads(text)["smoothed"][-1] is None
+
+
 def test_lr_find_command_prints_a_suggestion_and_draws_the_curve(two_class_dir: Path, tmp_path: Path, capsys):
     plot = tmp_path / "curve.png"
     code = main(["lr-find", str(two_class_dir), *TINY, "--steps", "30", "--plot", str(plot), "--json"])

@@ -42,14 +42,15 @@ class RangeTest:
     stopped_early: bool = False
 
     def as_dict(self) -> dict:
+        """The result for JSON: a loss that left the numbers (NaN, infinity; JSON has neither) is ``None``."""
         return {
             "suggestion": self.suggestion,
             "steepest": self.steepest,
             "valley": self.valley,
             "stopped_early": self.stopped_early,
             "rates": self.rates,
-            "losses": self.losses,
-            "smoothed": self.smoothed,
+            "losses": [v if math.isfinite(v) else None for v in self.losses],
+            "smoothed": [v if math.isfinite(v) else None for v in self.smoothed],
         }
 
 
