@@ -77,6 +77,6 @@ def test_atomic_write_over_a_folder_names_the_folder_and_writes_nothing(tmp_path
     target = tmp_path / "best.safetensors"
     target.mkdir()
     calls = []
-    with pytest.raises(UsageError, match=f"{target} is a folder: expected a file name to write"):
+    with pytest.raises(UsageError, match=f"^{target} is a folder: expected a file name for the file to write"):
         atomic_write(target, calls.append)
     assert calls == [] and list(tmp_path.iterdir()) == [target] and target.is_dir()

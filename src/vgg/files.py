@@ -76,9 +76,8 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     Raises:
         DiskFull: the device ran out of space; ``path`` still holds its previous content.
     """
-    path = Path(path)
-    if path.is_dir():  # else the rename below fails naming the temp file, after all the work of ``write``
-        raise UsageError(f"{path} is a folder: expected a file name to write. Pass a path such as {path / 'NAME'}.")
+    # Before the work of ``write``: over a folder, the rename would fail naming the temp file.
+    path = check_out_file(path, "the file to write", flag="")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -125,12 +124,12 @@ def check_out_folder(folder: str | Path, holds: str) -> Path:
 
 
 def check_out_file(path: str | Path, holds: str, flag: str = "--out") -> Path:
-    """A file to write as a Path, refused up front when a folder stands there (``holds``: what the file is)."""
+    """A file to write as a Path, refused up front when a folder stands there (``holds``: what the file is;
+    ``flag``: the option that named it, if any)."""
     path = Path(path)
     if path.is_dir():
-        raise UsageError(
-            f"{flag} {path} is a folder: expected a file name for {holds}. Pass a path such as {path / 'NAME'}."
-        )
+        named = f"{flag} {path}" if flag else str(path)
+        raise UsageError(f"{named} is a folder: expected a file name for {holds}. Pass a path such as {path / 'NAME'}.")
     return path
 
 

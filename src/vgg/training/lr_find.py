@@ -57,7 +57,7 @@ class RangeTest:
 def sweep_rates(start: float, end: float, steps: int) -> list[float]:
     """``steps`` rates from ``start`` to ``end``, evenly spaced in log-rate."""
     if not 0 < start < end < math.inf:
-        raise ValueError(f"expected 0 < start < end, got start={start}, end={end}")
+        raise ValueError(f"expected 0 < start < end < inf, got start={start}, end={end}")
     if steps < 2:
         return [start]
     low, high = math.log(start), math.log(end)  # in logs: end / start may overflow (1e-300 to 1e300)
