@@ -77,3 +77,11 @@ def test_data_options_are_validated():
     assert (config.class_weight, config.sampler, config.augment.policy, config.augment.cutmix) == (
         "auto", "balanced", "trivialaugment", 1.0,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["mixup", "cutmix", "erasing", "rotation"])
+def test_an_augmentation_setting_of_the_wrong_type_is_named_not_a_type_error(tmp_path, name):
+    file = tmp_path / "config.json"  # as a hand-edited (or damaged) run's config.json may hold
+    file.write_text(json.dumps({"augment": {name: {"a": 1}}}))
+    with pytest.raises(UsageError, match=rf"^{name} must be a number\. Received: {name}=\{{'a': 1\}}\.$"):
+        resolve(file=file)

@@ -61,12 +61,12 @@ class AugmentConfig:
     def validate(self) -> AugmentConfig:
         if self.policy not in POLICIES:
             raise UsageError(f"augment must be one of {{{', '.join(POLICIES)}}}. Received: augment={self.policy!r}.")
+        check_settings(self)  # types before ranges: a hand-edited config.json may hold a table where a number belongs
         for name in ("mixup", "cutmix"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must be 0 (off) or a positive alpha. Received: {name}={getattr(self, name)}.")
         if not 0 <= self.erasing <= 1:
             raise UsageError(f"erasing must be a probability in [0, 1]. Received: erasing={self.erasing}.")
-        check_settings(self)
         return self
 
     @property
