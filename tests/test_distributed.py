@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import COLOURS, write_images
 
 from vgg.batches import Batches
 from vgg.inference import Step, evaluate
@@ -38,19 +39,28 @@ def test_each_process_gets_a_disjoint_shard_of_the_same_shuffled_order(two_class
         assert len({len(batches) for batches in shards}) == 1  # every process takes the same number of steps
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
-                    reason="torchrun not installed")  # fmt: skip
-def test_torchrun_two_processes_on_cpu_trains_a_model_that_predicts(two_class_dir: Path, tmp_path: Path):
-    out = tmp_path / "ddp"
+def _torchrun(*args: str) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
+    """``vgg train`` in two processes on the CPU (gloo), and the environment it ran in."""
     torchrun = Path(sys.executable).with_name("torchrun")
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     command = [
         str(torchrun if torchrun.exists() else "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "vgg", "train",
-        str(two_class_dir), "--out", str(out), "--epochs", "2", "--arch", "vgg11", "--image-size", "32",
-        "--batch-size", "4", "--workers", "0", "--device", "cpu", "--precision", "fp32",
+        *args, "--arch", "vgg11", "--image-size", "32", "--workers", "0", "--device", "cpu", "--precision", "fp32",
     ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300), env
+
+
+needs_torchrun = pytest.mark.skipif(
+    shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+    reason="torchrun not installed",
+)
+
+
+@needs_torchrun
+def test_torchrun_two_processes_on_cpu_trains_a_model_that_predicts(two_class_dir: Path, tmp_path: Path):
+    out = tmp_path / "ddp"
+    done, env = _torchrun(str(two_class_dir), "--out", str(out), "--epochs", "2", "--batch-size", "4")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "2 processes" in done.stdout
     assert done.stdout.count("epoch 1/2:") == 1 and done.stdout.count("run folder:") == 1  # rank 0 alone speaks
@@ -62,6 +72,17 @@ def test_torchrun_two_processes_on_cpu_trains_a_model_that_predicts(two_class_di
     )  # fmt: skip
     assert predicted.returncode == 0, predicted.stderr
     assert len(predicted.stdout.splitlines()) == 12
+
+
+@needs_torchrun
+def test_under_torchrun_a_diverging_run_stops_every_process_mid_epoch(tmp_path: Path):
+    data = write_images(tmp_path / "data", {k: COLOURS[k] for k in ("cat", "dog")}, per_class=60)
+    out = tmp_path / "ddp"
+    # 96 training images, 2 a batch in each of 2 processes: 24 steps an epoch, so the check at step 20 comes first.
+    done, _ = _torchrun(str(data), "--out", str(out), "--epochs", "1", "--batch-size", "2", "--lr", "1e30")
+    assert done.returncode != 0
+    assert "Training diverged in epoch 1: the training loss by batch 20 became nan" in done.stderr, done.stderr[-2000:]
+    assert not (out / "best.safetensors").exists()
 
 
 def _evaluate_on_shard(rank: int, world: int, port: int, data: Path, out: Path) -> None:

@@ -15,7 +15,7 @@ from vgg.cli import main
 from vgg.inference import Step
 from vgg.scan import scan_folder
 from vgg.training.config import TrainConfig
-from vgg.training.loop import Diverged, fit
+from vgg.training.loop import CHECK_LOSS_EVERY, Diverged, fit
 
 TINY = ["--arch", "vgg11", "--image-size", "32", "--batch-size", "4", "--workers", "0", "--device", "cpu"]
 STEP = Step(torch.device("cpu"), "fp32", (0.5,) * 3, (0.25,) * 3, memory_format=torch.contiguous_format)
@@ -87,3 +87,15 @@ def test_no_checkpoint_is_taken_of_weights_that_are_not_numbers(two_class_dir: P
     with pytest.raises(Diverged, match="Training diverged in epoch 1: the weights after step 3 became nan"):
         _fit(samples, BlowsUp(at=3), config, saved, [])
     assert len(saved) == 2 and all(_finite(s["model"]) for s in saved)  # steps 1 and 2; step 3's state never written
+
+
+def test_a_run_that_diverges_early_in_a_long_epoch_stops_within_a_few_steps(two_class_dir: Path):
+    samples = scan_folder(two_class_dir).samples * 20  # 120 batches of 4 in the epoch
+    model = BlowsUp(at=3)
+    config = TrainConfig(epochs=1, batch_size=4, lr=0.01, warmup_epochs=0)
+    with pytest.raises(Diverged) as raised:
+        _fit(samples, model, config, [], [])
+    assert str(raised.value).startswith(
+        f"Training diverged in epoch 1: the training loss by batch {CHECK_LOSS_EVERY} became nan (expected finite"
+    )
+    assert model.calls == CHECK_LOSS_EVERY < len(samples) // 4

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..distributed import gather, rank
+from ..distributed import all_reduce_sum, gather, rank
 from ..errors import UsageError
 from ..inference import Step, evaluate
 from .config import TrainConfig, monitor_mode
@@ -22,6 +22,10 @@ from .epoch import Objective, Totals, Updates, train_one_epoch
 from .schedules import make_schedule
 from .state import rng_states, set_rng_states
 from .transfer import lr_groups, unfreeze_if_due
+
+# How often (optimizer steps) the epoch's running loss is read to catch a divergence before the epoch ends: reading
+# it makes a GPU wait, so not every step; a run that diverges trains at most this many steps on NaN.
+CHECK_LOSS_EVERY = 20
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -231,6 +235,11 @@ def fit(
 
         def on_step(totals: Totals, done: int) -> None:
             run.global_step += 1
+            # Every process reads the sum of all of theirs, at the same step, so all of them stop together.
+            if run.global_step % CHECK_LOSS_EVERY == 0:
+                loss_sum = all_reduce_sum(totals.loss_sum.detach().clone()).item()
+                if not math.isfinite(loss_sum):
+                    raise _diverged(run, run.epoch + 1, f"the training loss by batch {done}", loss_sum)
             if run.ema is not None:
                 run.ema.update(raw)
             every = config.save_every_steps
