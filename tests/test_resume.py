@@ -77,6 +77,34 @@ def test_kill_9_mid_epoch_then_resume_ends_like_an_unbroken_run(tmp_path: Path):
     assert predicted.returncode == 0 and predicted.stdout.split()[1] in (b"cat", b"dog")
 
 
+def test_ctrl_c_says_what_the_run_folder_keeps_and_how_to_go_on(tmp_path: Path):
+    data = write_images(tmp_path / "data", {k: COLOURS[k] for k in ("cat", "dog")}, per_class=16)
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        _vgg("train", data, "--out", run, "--save-every-steps", "1", *TINY, *EXACT),
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal's Ctrl-C finds it
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (run / STATE_FILE).exists():
+        assert process.poll() is None, "training ended before its first step was saved"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and err.strip().endswith("interrupted"), err[-2000:]
+    said = re.search(rf"interrupted: {re.escape(str(run))} keeps the state after (step|epoch) (\d+)", out)
+    assert said, out[-2000:]
+    assert f"`vgg train --resume {run}` continues from there" in out
+    state = load_state(run)
+    # The signal may land between the file's replacement and the note of it: then the file is one step newer.
+    saved = state["global_step"] if said[1] == "step" else state["epoch"]
+    assert int(said[2]) in (saved, saved - 1)
+    resumed = subprocess.run(_vgg("train", "--resume", run), env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [row[0] for row in _history(run)] == ["1", "2"]
+
+
 class Tiny(nn.Module):
     """Small enough to train in milliseconds, with dropout so the torch RNG matters."""
 

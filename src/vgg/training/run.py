@@ -151,13 +151,17 @@ def _train(
     trained, fit_train, fit_val, fit_step = _fit_inputs(
         model, train_batches, val_batches, step, config, world, log, progress
     )
-    result = fit(
-        trained, fit_train, fit_val, config, fit_step, len(data.classes),
-        on_epoch_end=lambda history, improved, chosen: run_dir.epoch_end(
-            history, improved, model if chosen is trained else chosen, info
-        ),
-        progress=progress, state=state, on_checkpoint=run_dir.save_state, class_weights=weights, log=log,
-    )  # fmt: skip
+    try:
+        result = fit(
+            trained, fit_train, fit_val, config, fit_step, len(data.classes),
+            on_epoch_end=lambda history, improved, chosen: run_dir.epoch_end(
+                history, improved, model if chosen is trained else chosen, info
+            ),
+            progress=progress, state=state, on_checkpoint=run_dir.save_state, class_weights=weights, log=log,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        run_dir.interrupted()
+        raise
     run_dir.close()
     skipped = _summarise(config, result, data, (train_batches, val_batches), run_dir, log)
     if world.main:

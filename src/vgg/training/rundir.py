@@ -189,6 +189,7 @@ class RunDir:
         self.best, self.last = self.path / "best.safetensors", self.path / "last.safetensors"
         self.writer = _tensorboard(config, state) if main else None
         self.split_sha256: str | None = None
+        self.saved_at = _point(state) if state is not None else None
 
     def start(
         self,
@@ -252,10 +253,28 @@ class RunDir:
             save_state(self.path, {**state, "settings": fingerprint(self.config), "split_sha256": self.split_sha256})
         except DiskFull as error:
             raise DiskFull(f"{error} The run can continue from there: vgg train --resume {self.path}") from error
+        self.saved_at = _point(state)
+
+    def interrupted(self) -> None:
+        """Say what an interrupted run keeps, and how to go on from it."""
+        if not self.main:
+            return
+        if self.saved_at is None:
+            self.log(f"interrupted before the first epoch ended: nothing in {self.path} to resume")
+        else:
+            self.log(f"interrupted: {self.path} keeps the state {self.saved_at}; `vgg train --resume {self.path}` "
+                     "continues from there")  # fmt: skip
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _point(state: dict[str, Any]) -> str:
+    """Where in the run a training state was taken, in words."""
+    if state["in_epoch"]:
+        return f"after step {state['global_step']} (in epoch {state['epoch'] + 1})"
+    return f"after epoch {state['epoch']}"
 
 
 def _tensorboard(config: TrainConfig, state: dict | None):  # -> SummaryWriter | None
