@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from vgg.checkpoint import ModelInfo, load_model, read_info, save_model
@@ -80,3 +81,37 @@ def test_atomic_write_over_a_folder_names_the_folder_and_writes_nothing(tmp_path
     with pytest.raises(UsageError, match=f"^{target} is a folder: expected a file name for the file to write"):
         atomic_write(target, calls.append)
     assert calls == [] and list(tmp_path.iterdir()) == [target] and target.is_dir()
+
+
+def _real_files(run: Path) -> dict[str, Path]:
+    """Files users give where the model belongs, made the way their tools make them."""
+    files = {"png": run / "cat.png", "jpg": run / "cat.JPG", "pth": run / "model.pth", "json": run / "config.json"}
+    Image.new("RGB", (8, 8)).save(files["png"])
+    Image.new("RGB", (8, 8)).save(files["jpg"], format="JPEG")
+    torch.save({"w": torch.zeros(2)}, files["pth"])
+    files["json"].write_text('{"config": {}}')
+    files["h5"] = run / "vgg16.h5"
+    files["h5"].write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))  # the HDF5 signature, as Keras files begin
+    files["onnx"] = run / "model.onnx"
+    files["onnx"].write_bytes(b"\x08\x08\x12\x07pytorch")  # protobuf: no signature, the name tells
+    return files
+
+
+@pytest.mark.parametrize(
+    ("kind", "says"),
+    [
+        ("png", r"it is an image: the model file comes first on the command line"),
+        ("jpg", r"it is an image: the model file comes first on the command line"),
+        ("h5", r"it is a Keras file: convert it with `vgg import-keras .*vgg16.h5`"),
+        ("pth", r"it is a PyTorch file \(torch.save\), which vgg never loads as a model: loading one can run code; "
+         r"did you mean .*best.safetensors\?"),
+        ("onnx", r"it is an ONNX file: give the .safetensors model it was exported from"),
+        ("json", r"it is a JSON file; did you mean .*best.safetensors\?"),
+    ],
+)  # fmt: skip
+def test_a_file_of_another_kind_given_as_the_model_is_named_with_what_to_do(tmp_path: Path, kind: str, says: str):
+    run = tmp_path / "run"
+    run.mkdir()
+    save_model(run / "best.safetensors", build("vgg11", num_classes=2, image_size=32), _info())
+    with pytest.raises(UsageError, match=rf"is not a vgg model file \({says}\)\. Expected a .safetensors file"):
+        load_model(_real_files(run)[kind])

@@ -149,6 +149,15 @@ def finished_run(tmp_path_factory) -> Path:
     return small_run(tmp_path_factory.mktemp("finished"), 1, "--batch-size", "4", "--device", "cpu")
 
 
+def test_the_state_given_as_a_model_points_at_the_run_s_model(finished_run: Path, capsys):
+    state = finished_run / STATE_FILE
+    assert main(["predict", str(state), str(finished_run / "curves.png")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {state} is not a vgg model file (it is the training state of a run, for `vgg train --resume`; "
+        f"did you mean {finished_run / 'best.safetensors'}?). Expected a .safetensors file written by `vgg train`.\n"
+    )
+
+
 def test_resume_a_finished_run_with_more_epochs(finished_run: Path, tmp_path: Path, capsys):
     run = shutil.copytree(finished_run, tmp_path / "run")
     capsys.readouterr()

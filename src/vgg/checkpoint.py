@@ -195,11 +195,40 @@ def _open(path: str | Path, weights: bool = True) -> tuple[ModelInfo, dict[str, 
     except RecursionError as error:
         raise UsageError(f"{path} is not a vgg model file (its header is nested too deeply).") from error
     except (SafetensorError, OSError, ValueError, TypeError, KeyError) as error:
+        kind = _other_kind(path)
         raise UsageError(
-            f"{path} is not a vgg model file ({type(error).__name__}: {error}). "
+            f"{path} is not a vgg model file ({kind or f'{type(error).__name__}: {error}'}). "
             "Expected a .safetensors file written by `vgg train`."
         ) from error
     return info, tensors
+
+
+# The first bytes of the files most often given where a model belongs.
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
+
+
+def _other_kind(path: Path) -> str:
+    """What a file that is not a model file is, when its first bytes or its name say so, and what to do instead."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError:
+        return ""
+    best = path.with_name("best.safetensors")
+    instead = f"; did you mean {best}?" if best.is_file() else ""
+    if head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return "it is an image: the model file comes first on the command line"
+    if head.startswith(b"vgg.state/"):  # training/state.py's header
+        return f"it is the training state of a run, for `vgg train --resume`{instead}"
+    if head.startswith(b"\x89HDF\r\n\x1a\n") or path.suffix.lower() == ".keras":
+        return f"it is a Keras file: convert it with `vgg import-keras {path}`"
+    if head.startswith(b"PK\x03\x04"):
+        return f"it is a PyTorch file (torch.save), which vgg never loads as a model: loading one can run code{instead}"
+    if path.suffix.lower() == ".onnx":
+        return "it is an ONNX file: give the .safetensors model it was exported from"
+    if head.lstrip().startswith((b"{", b"[")):
+        return f"it is a JSON file{instead}"
+    return ""
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[VGG, ModelInfo]:
