@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -25,6 +26,16 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number, received {text!r}")
     return value
 
 
@@ -361,7 +372,7 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--cors-origin", help="allow browser pages from this origin (default: none)")
     p.add_argument("--top-k", type=int, default=5, help="classes per image unless ?top_k= says; default 5")
     p.add_argument("--rate-limit", type=int, default=600, help="requests per client per minute; 0: none")
-    p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body; default 20 MB")
+    p.add_argument("--max-body-mb", type=_positive_number, default=20.0, help="largest request body; default 20 MB")
     p.add_argument("--max-files", type=int, default=16, help="most images per request; default 16")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image (w x h); default 40 Mpx")
     p.set_defaults(run=_serve)

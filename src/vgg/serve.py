@@ -24,6 +24,7 @@ import hmac
 import importlib.resources
 import io
 import logging
+import math
 import os
 import platform
 import socket
@@ -98,6 +99,23 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
     rate_limit: int = 600  # requests per client per minute; 0: no limit
     queue_size: int = 1024
+
+    def validate(self) -> None:
+        """Every setting in its range, in one line naming the flag, before anything starts."""
+        if self.backend not in BACKENDS:
+            raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}. Received: {self.backend!r}.")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise UsageError(f"--port must be from 0 to 65535 (0: any free port). Received: {self.port!r}.")
+        least = {
+            "--workers": (self.workers, 1), "--max-batch": (self.max_batch, 1), "--top-k": (self.top_k, 1),
+            "--max-files": (self.max_files, 1), "max_body_bytes": (self.max_body_bytes, 1),
+            "--max-pixels": (self.limits.max_pixels, 1), "--rate-limit": (self.rate_limit, 0),
+            "queue_size": (self.queue_size, 1), "--max-wait-ms": (self.max_wait_ms, 0),
+        }  # fmt: skip
+        for flag, (value, low) in least.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value < math.inf:
+                kind = "a number" if flag == "--max-wait-ms" else "an integer"
+                raise UsageError(f"{flag} must be {kind} of at least {low}. Received: {value!r}.")
 
 
 class ApiError(Exception):
@@ -191,6 +209,7 @@ def grad_cam_png(
 def create_app(config: ServeConfig) -> FastAPI:
     """The application. The model loads here, so that a bad model file is an error before any server starts; the
     decoder processes and the batcher start with the app (FastAPI lifespan)."""
+    config.validate()
     token = config.token or os.environ.get(TOKEN_ENV) or None
     metrics = Metrics()
     limiter = RateLimiter(config.rate_limit) if config.rate_limit > 0 else None
@@ -379,13 +398,7 @@ def serve(config: ServeConfig) -> None:
     """Run the server until interrupted."""
     import uvicorn
 
-    if config.max_batch < 1 or config.workers < 1 or config.max_wait_ms < 0:
-        raise UsageError(
-            "--max-batch and --workers must be at least 1 and --max-wait-ms at least 0. Received: "
-            f"max_batch={config.max_batch}, workers={config.workers}, max_wait_ms={config.max_wait_ms}."
-        )
-    if config.backend not in BACKENDS:
-        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}. Received: {config.backend!r}.")
+    config.validate()
     if config.host not in ("127.0.0.1", "localhost", "::1") and not (config.token or os.environ.get(TOKEN_ENV)):
         log.warning("vgg serve: listening on %s without a token: anyone who can reach it can use it", config.host)
     with _listen(config.host, config.port) as listening:
